@@ -1,0 +1,126 @@
+"""Reconciling the database with the machine when the daemon starts.
+
+A sandbox or container that the database calls running is checked against the runtime: one
+that still runs is adopted by a new shim, one that is gone is marked stopped. Runtime
+containers, network namespaces and bundle directories that no record claims are leftovers of a
+crash in the middle of a create or remove, and are cleaned up with a log line each.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from servin_shim.cri.context import now_ns
+from servin_shim.oci import rootfs
+from servin_shim.oci.shim import UNKNOWN_EXIT_CODE, ContainerShim
+from servin_shim.state.records import (
+    CONTAINER_EXITED,
+    CONTAINER_RUNNING,
+    SANDBOX_NOTREADY,
+    SANDBOX_READY,
+)
+
+if TYPE_CHECKING:
+    from servin_shim.cri.service import CRIService
+
+log = logging.getLogger(__name__)
+
+LIVE_STATES = ("running", "created", "paused")
+
+#: Reason recorded for a container whose exit the daemon could not observe, as containerd does.
+UNKNOWN_REASON = "Unknown"
+
+
+async def recover(service: CRIService) -> None:
+    ctx = service.ctx
+    sandboxes = {r.id: r for r in ctx.metadata.sandboxes()}
+    containers = {r.id: r for r in ctx.metadata.containers()}
+
+    for record in sandboxes.values():
+        if record.state != SANDBOX_READY:
+            continue
+        runtime = ctx.runtime(record.runtime_handler)
+        state = await runtime.state(record.id)
+        if state is not None and state.status == "running" and state.pid:
+            volatile = ctx.paths.sandbox_state_dir(record.id)
+            shim = ContainerShim(
+                record.id, bundle=volatile / "bundle", io_dir=volatile / "io", log_path=None,
+                runtime=runtime, reaper=ctx.reaper,
+                on_exit=lambda code, at, sid=record.id: service.sandboxes._infra_exited(sid, code),
+            )
+            shim.adopt(state.pid)
+            service.sandboxes.shims[record.id] = shim
+            log.info("adopted running pod sandbox id=%s infra_pid=%d", record.id, state.pid)
+        else:
+            record.state = SANDBOX_NOTREADY
+            ctx.metadata.save_sandbox(record)
+            log.warning("pod sandbox infra process is gone, marked not ready id=%s", record.id)
+
+    for record in containers.values():
+        if record.state != CONTAINER_RUNNING:
+            continue
+        runtime = ctx.runtime(record.runtime_handler)
+        state = await runtime.state(record.id)
+        if state is not None and state.status in ("running", "paused") and state.pid:
+            state_dir = ctx.paths.container_state_dir(record.id)
+            shim = ContainerShim(
+                record.id, bundle=state_dir / "bundle", io_dir=state_dir / "io",
+                log_path=Path(record.log_path) if record.log_path else None,
+                runtime=runtime, reaper=ctx.reaper,
+                on_exit=lambda code, at, cid=record.id: service.containers._exited(cid, code, at),
+            )
+            shim.adopt(state.pid)
+            service.containers.shims[record.id] = shim
+            log.info("adopted running container id=%s pid=%d", record.id, state.pid)
+            continue
+        # The container exited while no daemon watched it: its exit code is lost.
+        record.state = CONTAINER_EXITED
+        record.exit_code = UNKNOWN_EXIT_CODE
+        record.reason = UNKNOWN_REASON
+        record.finished_at = record.finished_at or now_ns()
+        ctx.metadata.save_container(record)
+        await runtime.delete(record.id, force=True)
+        log.warning("container exited while the daemon was down, exit code unknown id=%s",
+                    record.id)
+
+    await _clean_leftovers(service, set(sandboxes), set(containers))
+
+
+async def _clean_leftovers(service: CRIService, sandbox_ids: set[str], container_ids: set[str]) -> None:
+    ctx = service.ctx
+    known = sandbox_ids | container_ids
+    for runtime in ctx.runtimes.values():
+        for state in await runtime.list():
+            if state.id not in known:
+                await runtime.delete(state.id, force=True)
+                log.warning("removed runtime container that no record claims id=%s runtime=%s",
+                            state.id, runtime.name)
+    for name in ctx.netns.list():
+        if name not in sandbox_ids:
+            ctx.netns.remove(name)
+            log.warning("removed network namespace that no sandbox claims id=%s", name)
+    for parent, ids, mounts in (
+        (ctx.paths.state / "sandboxes", sandbox_ids, ("bundle/rootfs", "shm")),
+        (ctx.paths.state / "containers", container_ids, ("bundle/rootfs",)),
+    ):
+        if not parent.exists():
+            continue
+        for directory in parent.iterdir():
+            if directory.name in ids:
+                continue
+            for relative in mounts:
+                rootfs.unmount(directory / relative)
+            rootfs.remove_tree(directory)
+            log.warning("removed state directory that no record claims path=%s", directory)
+    for parent, ids in (
+        (ctx.paths.root / "sandboxes", sandbox_ids),
+        (ctx.paths.root / "containers", container_ids),
+    ):
+        if not parent.exists():
+            continue
+        for directory in parent.iterdir():
+            if directory.name not in ids:
+                rootfs.remove_tree(directory)
+                log.warning("removed directory that no record claims path=%s", directory)

@@ -1,0 +1,315 @@
+"""Pod sandboxes: RunPodSandbox, StopPodSandbox, RemovePodSandbox and their state.
+
+A sandbox is a set of namespaces held open by an infra process. By default the infra process is
+Debian's static ``catatonit -P`` bind-mounted into an empty root, so no pause image needs to be
+pulled; when a sandbox image is configured, that image's entrypoint runs instead. The network
+namespace is a persistent file (see ``servin_shim.network.netns``) that the infra joins.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+from servin_shim.api.runtime import v1 as cri
+from servin_shim.cri.context import RuntimeContext, new_id, now_ns
+from servin_shim.errors import FailedPrecondition, InvalidArgument, NotFound
+from servin_shim.oci import rootfs, spec as ocispec
+from servin_shim.oci.shim import ContainerShim
+from servin_shim.state.records import (
+    SANDBOX_NOTREADY,
+    SANDBOX_READY,
+    SandboxRecord,
+)
+
+log = logging.getLogger(__name__)
+
+#: Size of a pod's shared /dev/shm, the 64 MiB default of Docker, containerd and CRI-O.
+SHM_SIZE = 64 * 1024 * 1024
+
+#: How long the infra process gets to exit after SIGKILL before stop gives up waiting.
+INFRA_KILL_WAIT = 10.0
+
+
+def namespace_modes(config: cri.PodSandboxConfig) -> dict[str, str]:
+    """Return the CRI namespace mode names for network, pid and ipc (and a TARGET id)."""
+    options = None
+    if config.linux and config.linux.security_context:
+        options = config.linux.security_context.namespace_options
+    if options is None:
+        return {"network": "POD", "pid": "CONTAINER", "ipc": "POD", "target_id": ""}
+    return {
+        "network": cri.NamespaceMode(options.network).name,
+        "pid": cri.NamespaceMode(options.pid).name,
+        "ipc": cri.NamespaceMode(options.ipc).name,
+        "target_id": options.target_id,
+    }
+
+
+def validate_metadata(config: cri.PodSandboxConfig | None) -> cri.PodSandboxMetadata:
+    if config is None or config.metadata is None:
+        raise InvalidArgument("pod sandbox config has no metadata: name, namespace and uid are required")
+    meta = config.metadata
+    for field in ("name", "namespace", "uid"):
+        if not getattr(meta, field):
+            raise InvalidArgument(
+                f"pod sandbox metadata.{field} is empty: kubelet always sets name, namespace "
+                "and uid"
+            )
+    return meta
+
+
+def resolv_conf(dns: cri.DnsConfig | None) -> str | None:
+    """Render resolv.conf from the pod's DNS config; None means copy the host's."""
+    if dns is None or not (dns.servers or dns.searches or dns.options):
+        return None
+    lines = [f"nameserver {server}" for server in dns.servers]
+    if dns.searches:
+        lines.append("search " + " ".join(dns.searches))
+    if dns.options:
+        lines.append("options " + " ".join(dns.options))
+    return "\n".join(lines) + "\n"
+
+
+class SandboxManager:
+    """Runs, stops and removes pod sandboxes; ``shims`` maps sandbox id to its infra shim."""
+
+    def __init__(self, ctx: RuntimeContext) -> None:
+        self.ctx = ctx
+        self.shims: dict[str, ContainerShim] = {}
+
+    async def run(self, config: cri.PodSandboxConfig, runtime_handler: str) -> str:
+        meta = validate_metadata(config)
+        runtime = self.ctx.runtime(runtime_handler)
+        modes = namespace_modes(config)
+        record = SandboxRecord(
+            id=new_id(),
+            name=meta.name,
+            namespace=meta.namespace,
+            uid=meta.uid,
+            attempt=meta.attempt,
+            created_at=now_ns(),
+            labels=dict(config.labels),
+            annotations=dict(config.annotations),
+            hostname=config.hostname,
+            log_directory=config.log_directory,
+            runtime_handler=runtime.name,
+            cgroup_parent=config.linux.cgroup_parent if config.linux else "",
+            namespace_modes=modes,
+            config_b64=base64.b64encode(bytes(config)).decode(),
+        )
+        # Reserving the name first makes a concurrent duplicate fail before any side effect.
+        self.ctx.metadata.add_sandbox(record)
+        log.info("running pod sandbox id=%s pod=%s/%s", record.id, record.namespace, record.name)
+        async with self.ctx.lock(record.id):
+            try:
+                await self._setup(record, config)
+            except BaseException:
+                await self._teardown(record)
+                self.ctx.metadata.delete_sandbox(record.id)
+                raise
+        return record.id
+
+    async def _setup(self, record: SandboxRecord, config: cri.PodSandboxConfig) -> None:
+        ctx = self.ctx
+        persistent = ctx.paths.sandbox_dir(record.id)
+        volatile = ctx.paths.sandbox_state_dir(record.id)
+        persistent.mkdir(parents=True, exist_ok=True)
+        volatile.mkdir(parents=True, exist_ok=True)
+        host_network = record.namespace_modes["network"] == "NODE"
+        host_ipc = record.namespace_modes["ipc"] == "NODE"
+        host_pid = record.namespace_modes["pid"] == "NODE"
+
+        self._write_etc_files(record, config, persistent, host_network)
+
+        if not host_network:
+            record.netns_path = str(await ctx.netns.create(record.id))
+
+        if not host_ipc:
+            shm = volatile / "shm"
+            shm.mkdir(exist_ok=True)
+            if not rootfs.is_mountpoint(shm):
+                rootfs.mount("shm", shm, "tmpfs", rootfs.MS_NOSUID | rootfs.MS_NODEV,
+                             f"mode=1777,size={SHM_SIZE}")
+
+        bundle = volatile / "bundle"
+        spec = await self._infra_spec(record, bundle)
+        if host_pid:
+            ocispec.remove_namespace(spec, "pid")
+        if host_ipc:
+            ocispec.remove_namespace(spec, "ipc")
+        if host_network:
+            ocispec.remove_namespace(spec, "network")
+            ocispec.remove_namespace(spec, "uts")
+        else:
+            ocispec.set_namespace(spec, "network", record.netns_path)
+        if record.cgroup_parent:
+            spec["linux"]["cgroupsPath"] = f"{record.cgroup_parent.rstrip('/')}/{record.id}"
+        else:
+            spec["linux"]["cgroupsPath"] = f"/servin/{record.id}"
+        spec["annotations"] = {
+            "io.kubernetes.cri.container-type": "sandbox",
+            "io.kubernetes.cri.sandbox-id": record.id,
+            "io.kubernetes.cri.sandbox-name": record.name,
+            "io.kubernetes.cri.sandbox-namespace": record.namespace,
+        }
+        ocispec.write_spec(bundle, spec)
+
+        shim = ContainerShim(
+            record.id,
+            bundle=bundle,
+            io_dir=volatile / "io",
+            log_path=None,
+            runtime=ctx.runtime(record.runtime_handler),
+            reaper=ctx.reaper,
+            on_exit=lambda code, at: self._infra_exited(record.id, code),
+        )
+        record.infra_pid = await shim.start()
+        self.shims[record.id] = shim
+        record.state = SANDBOX_READY
+        ctx.metadata.save_sandbox(record)
+        log.info("pod sandbox ready id=%s infra_pid=%d", record.id, record.infra_pid)
+
+    def _write_etc_files(
+        self, record: SandboxRecord, config: cri.PodSandboxConfig, directory: Path,
+        host_network: bool,
+    ) -> None:
+        hostname = record.hostname or os.uname().nodename
+        if host_network:
+            hostname = os.uname().nodename
+        (directory / "hostname").write_text(hostname + "\n")
+        content = resolv_conf(config.dns_config)
+        if content is None:
+            content = Path("/etc/resolv.conf").read_text() if Path("/etc/resolv.conf").exists() else ""
+        (directory / "resolv.conf").write_text(content)
+        if host_network and Path("/etc/hosts").exists():
+            hosts = Path("/etc/hosts").read_text()
+        else:
+            hosts = (
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                f"127.0.1.1\t{hostname}\n"
+            )
+        (directory / "hosts").write_text(hosts)
+
+    async def _infra_spec(self, record: SandboxRecord, bundle: Path) -> dict:
+        ctx = self.ctx
+        bundle.mkdir(parents=True, exist_ok=True)
+        root = bundle / "rootfs"
+        if ctx.sandbox_image:
+            image = ctx.images.status(ctx.sandbox_image)
+            if image is None:
+                await ctx.images.pull(ctx.sandbox_image)
+                image = ctx.images.status(ctx.sandbox_image)
+            if image is None:
+                raise NotFound(f"sandbox image {ctx.sandbox_image!r} not found after pull")
+            upper = ctx.paths.sandbox_dir(record.id) / "upper"
+            rootfs.mount_overlay(
+                ctx.images.rootfs_layers(image.id), upper,
+                ctx.paths.sandbox_dir(record.id) / "work", root,
+            )
+            image_config = ctx.images.config(image.id).get("config") or {}
+            args = list(image_config.get("Entrypoint") or []) + list(image_config.get("Cmd") or [])
+            if not args:
+                raise FailedPrecondition(
+                    f"sandbox image {ctx.sandbox_image!r} has no Entrypoint or Cmd to run"
+                )
+            spec = ocispec.base_spec(root=root, args=args, hostname=record.hostname)
+            spec["process"]["env"] = ocispec.image_env(image_config.get("Env"))
+        else:
+            root.mkdir(exist_ok=True)
+            spec = ocispec.base_spec(root=root, args=["/catatonit", "-P"], hostname=record.hostname)
+            spec["mounts"].append({
+                "destination": "/catatonit", "type": "bind", "source": ctx.catatonit,
+                "options": ["rbind", "ro", "nosuid", "nodev"],
+            })
+        spec["root"]["readonly"] = True
+        # The infra process only holds namespaces: it needs no capability at all.
+        spec["process"]["capabilities"] = {k: [] for k in ("bounding", "effective", "permitted")}
+        spec["process"]["noNewPrivileges"] = True
+        return spec
+
+    async def _infra_exited(self, sandbox_id: str, code: int) -> None:
+        # An infra that dies leaves the pod without its namespaces: kubelet must recreate it.
+        try:
+            record = self.ctx.metadata.get_sandbox(sandbox_id)
+        except NotFound:
+            return
+        if record.state == SANDBOX_READY:
+            log.warning("pod infra process exited, sandbox is no longer ready id=%s exit_code=%d",
+                        sandbox_id, code)
+        record.state = SANDBOX_NOTREADY
+        self.ctx.metadata.save_sandbox(record)
+
+    async def stop(self, sandbox_id: str, stop_containers) -> None:  # type: ignore[no-untyped-def]
+        """Stop every container of the pod, then the infra process, then free the network."""
+        try:
+            record = self.ctx.metadata.get_sandbox(sandbox_id)
+        except NotFound:
+            log.debug("stop of unknown pod sandbox id=%s, nothing to do", sandbox_id)
+            return
+        await stop_containers(record.id)
+        async with self.ctx.lock(record.id):
+            await self._teardown(record)
+            record = self.ctx.metadata.get_sandbox(record.id)
+            record.state = SANDBOX_NOTREADY
+            self.ctx.metadata.save_sandbox(record)
+        log.info("stopped pod sandbox id=%s", record.id)
+
+    async def _teardown(self, record: SandboxRecord) -> None:
+        """Kill the infra and release namespaces and mounts; every step tolerates a past run."""
+        ctx = self.ctx
+        shim = self.shims.pop(record.id, None)
+        runtime = ctx.runtime(record.runtime_handler)
+        if shim is not None:
+            await shim.kill(signal.SIGKILL)
+            if not await shim.wait(INFRA_KILL_WAIT):
+                log.error("pod infra process did not exit after SIGKILL id=%s pid=%d",
+                          record.id, shim.pid)
+        else:
+            with contextlib.suppress(NotFound):
+                await runtime.kill(record.id, signal.SIGKILL)
+        await runtime.delete(record.id, force=True)
+        volatile = ctx.paths.sandbox_state_dir(record.id)
+        rootfs.unmount(volatile / "bundle" / "rootfs")
+        rootfs.unmount(volatile / "shm")
+        ctx.netns.remove(record.id)
+
+    async def remove(self, sandbox_id: str, remove_containers) -> None:  # type: ignore[no-untyped-def]
+        """Remove the pod's containers, its files and its record."""
+        try:
+            record = self.ctx.metadata.get_sandbox(sandbox_id)
+        except NotFound:
+            log.debug("remove of unknown pod sandbox id=%s, nothing to do", sandbox_id)
+            return
+        await remove_containers(record.id)
+        async with self.ctx.lock(record.id):
+            await self._teardown(record)
+            rootfs.remove_tree(self.ctx.paths.sandbox_state_dir(record.id))
+            rootfs.remove_tree(self.ctx.paths.sandbox_dir(record.id))
+            self.ctx.metadata.delete_sandbox(record.id)
+        self.ctx.locks.pop(record.id, None)
+        log.info("removed pod sandbox id=%s", record.id)
+
+    def get(self, sandbox_id: str) -> SandboxRecord:
+        return self.ctx.metadata.get_sandbox(sandbox_id)
+
+    def resolve(self, id_or_prefix: str) -> SandboxRecord:
+        """Find a sandbox by full id or unique id prefix, as crictl allows."""
+        if not id_or_prefix:
+            raise InvalidArgument("pod sandbox id is empty")
+        try:
+            return self.ctx.metadata.get_sandbox(id_or_prefix)
+        except NotFound:
+            matches = [s for s in self.ctx.metadata.sandboxes() if s.id.startswith(id_or_prefix)]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise InvalidArgument(
+                    f"pod sandbox id prefix {id_or_prefix!r} is ambiguous: it matches "
+                    f"{len(matches)} sandboxes"
+                ) from None
+            raise

@@ -1,0 +1,374 @@
+"""The CRI gRPC services, served for ``runtime.v1`` and ``runtime.v1alpha2`` by one set of handlers.
+
+Both API versions use the same field numbers and types for every field they share, so a
+v1alpha2 request decodes correctly into the v1 message class and a v1 reply decodes correctly
+in a v1alpha2 client (fields it does not know are skipped). One handler per RPC therefore serves
+both paths; only Version reports which API version the client used.
+
+Each handler is thin: decode, call the manager, map errors in ``as_grpc_status``, reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import betterproto2
+import grpclib.const
+from grpclib.server import Stream
+
+from servin_shim import RUNTIME_NAME, __version__
+from servin_shim.api.runtime import v1 as cri
+from servin_shim.cri import convert
+from servin_shim.cri.containers import ContainerManager
+from servin_shim.cri.context import RuntimeContext
+from servin_shim.cri.errors import as_grpc_status
+from servin_shim.cri.sandboxes import SandboxManager
+from servin_shim.errors import InvalidArgument, NotFound, Unimplemented
+
+log = logging.getLogger("servin_shim.cri")
+
+Handler = Callable[[Any, str], Awaitable[Any]]
+
+#: Every RuntimeService RPC of runtime.v1, with its request and response classes.
+RUNTIME_RPCS: dict[str, tuple[type[betterproto2.Message], type[betterproto2.Message]]] = {
+    "Version": (cri.VersionRequest, cri.VersionResponse),
+    "RunPodSandbox": (cri.RunPodSandboxRequest, cri.RunPodSandboxResponse),
+    "StopPodSandbox": (cri.StopPodSandboxRequest, cri.StopPodSandboxResponse),
+    "RemovePodSandbox": (cri.RemovePodSandboxRequest, cri.RemovePodSandboxResponse),
+    "PodSandboxStatus": (cri.PodSandboxStatusRequest, cri.PodSandboxStatusResponse),
+    "ListPodSandbox": (cri.ListPodSandboxRequest, cri.ListPodSandboxResponse),
+    "CreateContainer": (cri.CreateContainerRequest, cri.CreateContainerResponse),
+    "StartContainer": (cri.StartContainerRequest, cri.StartContainerResponse),
+    "StopContainer": (cri.StopContainerRequest, cri.StopContainerResponse),
+    "RemoveContainer": (cri.RemoveContainerRequest, cri.RemoveContainerResponse),
+    "ListContainers": (cri.ListContainersRequest, cri.ListContainersResponse),
+    "ContainerStatus": (cri.ContainerStatusRequest, cri.ContainerStatusResponse),
+    "UpdateContainerResources": (
+        cri.UpdateContainerResourcesRequest, cri.UpdateContainerResourcesResponse,
+    ),
+    "ReopenContainerLog": (cri.ReopenContainerLogRequest, cri.ReopenContainerLogResponse),
+    "ExecSync": (cri.ExecSyncRequest, cri.ExecSyncResponse),
+    "Exec": (cri.ExecRequest, cri.ExecResponse),
+    "Attach": (cri.AttachRequest, cri.AttachResponse),
+    "PortForward": (cri.PortForwardRequest, cri.PortForwardResponse),
+    "ContainerStats": (cri.ContainerStatsRequest, cri.ContainerStatsResponse),
+    "ListContainerStats": (cri.ListContainerStatsRequest, cri.ListContainerStatsResponse),
+    "PodSandboxStats": (cri.PodSandboxStatsRequest, cri.PodSandboxStatsResponse),
+    "ListPodSandboxStats": (cri.ListPodSandboxStatsRequest, cri.ListPodSandboxStatsResponse),
+    "UpdateRuntimeConfig": (cri.UpdateRuntimeConfigRequest, cri.UpdateRuntimeConfigResponse),
+    "Status": (cri.StatusRequest, cri.StatusResponse),
+    "CheckpointContainer": (cri.CheckpointContainerRequest, cri.CheckpointContainerResponse),
+    "ListMetricDescriptors": (
+        cri.ListMetricDescriptorsRequest, cri.ListMetricDescriptorsResponse,
+    ),
+    "ListPodSandboxMetrics": (
+        cri.ListPodSandboxMetricsRequest, cri.ListPodSandboxMetricsResponse,
+    ),
+    "RuntimeConfig": (cri.RuntimeConfigRequest, cri.RuntimeConfigResponse),
+}
+
+IMAGE_RPCS: dict[str, tuple[type[betterproto2.Message], type[betterproto2.Message]]] = {
+    "ListImages": (cri.ListImagesRequest, cri.ListImagesResponse),
+    "ImageStatus": (cri.ImageStatusRequest, cri.ImageStatusResponse),
+    "PullImage": (cri.PullImageRequest, cri.PullImageResponse),
+    "RemoveImage": (cri.RemoveImageRequest, cri.RemoveImageResponse),
+    "ImageFsInfo": (cri.ImageFsInfoRequest, cri.ImageFsInfoResponse),
+}
+
+#: The server-streaming RPC of runtime.v1; it has no v1alpha2 counterpart.
+STREAMING_RPCS = {"GetContainerEvents": (cri.GetEventsRequest, cri.ContainerEventResponse)}
+
+API_VERSIONS = ("v1", "v1alpha2")
+
+
+def _snake(name: str) -> str:
+    out = []
+    for i, ch in enumerate(name):
+        if ch.isupper() and i:
+            out.append("_")
+        out.append(ch.lower())
+    return "".join(out)
+
+
+def _request_ids(request: Any) -> str:
+    """Return the ids a request names, as ``key=value`` pairs for the log."""
+    parts = []
+    for field in ("pod_sandbox_id", "container_id"):
+        value = getattr(request, field, "")
+        if value:
+            parts.append(f"{field}={value}")
+    image = getattr(request, "image", None)
+    if isinstance(image, cri.ImageSpec) and image.image:
+        parts.append(f"image={image.image}")
+    return " ".join(parts)
+
+
+class CRIService:
+    """Both CRI services; ``__mapping__`` hands grpclib the handlers for both API versions."""
+
+    def __init__(self, ctx: RuntimeContext) -> None:
+        self.ctx = ctx
+        self.sandboxes = SandboxManager(ctx)
+        self.containers = ContainerManager(ctx)
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        mapping: dict[str, grpclib.const.Handler] = {}
+        for version in API_VERSIONS:
+            for service, rpcs in (("RuntimeService", RUNTIME_RPCS), ("ImageService", IMAGE_RPCS)):
+                for name, (request_type, reply_type) in rpcs.items():
+                    path = f"/runtime.{version}.{service}/{name}"
+                    mapping[path] = grpclib.const.Handler(
+                        self._unary(name, version),
+                        grpclib.const.Cardinality.UNARY_UNARY,
+                        request_type,
+                        reply_type,
+                    )
+        for name, (request_type, reply_type) in STREAMING_RPCS.items():
+            mapping[f"/runtime.v1.RuntimeService/{name}"] = grpclib.const.Handler(
+                self._unimplemented_stream(name),
+                grpclib.const.Cardinality.UNARY_STREAM,
+                request_type,
+                reply_type,
+            )
+        return mapping
+
+    def _unary(self, name: str, version: str) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
+        method: Handler | None = getattr(self, _snake(name), None)
+
+        async def handle(stream: Stream[Any, Any]) -> None:
+            request = await stream.recv_message()
+            ids = _request_ids(request)
+            started = time.monotonic()
+            with as_grpc_status(name, ids):
+                if method is None:
+                    raise Unimplemented(f"{name} is not implemented by {RUNTIME_NAME}")
+                reply = await method(request, version)
+            log.debug("%s %s took %.1fms", name, ids, (time.monotonic() - started) * 1000)
+            await stream.send_message(reply)
+
+        return handle
+
+    def _unimplemented_stream(self, name: str) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
+        async def handle(stream: Stream[Any, Any]) -> None:
+            await stream.recv_message()
+            with as_grpc_status(name, ""):
+                raise Unimplemented(f"{name} is not implemented by {RUNTIME_NAME}")
+
+        return handle
+
+    # Runtime information
+
+    async def version(self, request: cri.VersionRequest, api: str) -> cri.VersionResponse:
+        return cri.VersionResponse(
+            version="0.1.0",
+            runtime_name=RUNTIME_NAME,
+            runtime_version=__version__,
+            runtime_api_version=api,
+        )
+
+    async def status(self, request: cri.StatusRequest, api: str) -> cri.StatusResponse:
+        return cri.StatusResponse(
+            status=cri.RuntimeStatus(
+                conditions=[
+                    cri.RuntimeCondition(type="RuntimeReady", status=True),
+                    # Pods get a private network namespace with loopback; CNI adds interfaces.
+                    cri.RuntimeCondition(type="NetworkReady", status=True),
+                ]
+            ),
+            runtime_handlers=[
+                cri.RuntimeHandler(name=name) for name in sorted(self.ctx.runtimes)
+            ],
+        )
+
+    async def update_runtime_config(
+        self, request: cri.UpdateRuntimeConfigRequest, api: str
+    ) -> cri.UpdateRuntimeConfigResponse:
+        # The pod CIDR matters only to CNI configurations that are templated from it, which
+        # servin-shim does not do: it is accepted and logged.
+        cidr = request.runtime_config.network_config.pod_cidr if (
+            request.runtime_config and request.runtime_config.network_config
+        ) else ""
+        log.info("runtime config updated pod_cidr=%s", cidr or "(none)")
+        return cri.UpdateRuntimeConfigResponse()
+
+    # Pod sandboxes
+
+    async def run_pod_sandbox(
+        self, request: cri.RunPodSandboxRequest, api: str
+    ) -> cri.RunPodSandboxResponse:
+        sandbox_id = await self.sandboxes.run(request.config, request.runtime_handler)
+        return cri.RunPodSandboxResponse(pod_sandbox_id=sandbox_id)
+
+    async def stop_pod_sandbox(
+        self, request: cri.StopPodSandboxRequest, api: str
+    ) -> cri.StopPodSandboxResponse:
+        _require(request.pod_sandbox_id, "pod_sandbox_id")
+        await self.sandboxes.stop(request.pod_sandbox_id, self.containers.stop_all)
+        return cri.StopPodSandboxResponse()
+
+    async def remove_pod_sandbox(
+        self, request: cri.RemovePodSandboxRequest, api: str
+    ) -> cri.RemovePodSandboxResponse:
+        _require(request.pod_sandbox_id, "pod_sandbox_id")
+        await self.sandboxes.remove(request.pod_sandbox_id, self.containers.remove_all)
+        return cri.RemovePodSandboxResponse()
+
+    async def pod_sandbox_status(
+        self, request: cri.PodSandboxStatusRequest, api: str
+    ) -> cri.PodSandboxStatusResponse:
+        record = self.sandboxes.resolve(request.pod_sandbox_id)
+        info = convert.sandbox_info(record) if request.verbose else {}
+        return cri.PodSandboxStatusResponse(status=convert.pod_sandbox_status(record), info=info)
+
+    async def list_pod_sandbox(
+        self, request: cri.ListPodSandboxRequest, api: str
+    ) -> cri.ListPodSandboxResponse:
+        records = self.ctx.metadata.sandboxes()
+        f = request.filter
+        if f is not None:
+            if f.id:
+                records = [r for r in records if r.id.startswith(f.id)]
+            if f.state is not None:
+                wanted = cri.PodSandboxState(f.state.state).name
+                records = [r for r in records if r.state == wanted]
+            if f.label_selector:
+                records = [r for r in records if _labels_match(r.labels, f.label_selector)]
+        records.sort(key=lambda r: r.created_at)
+        return cri.ListPodSandboxResponse(items=[convert.pod_sandbox(r) for r in records])
+
+    # Containers
+
+    async def create_container(
+        self, request: cri.CreateContainerRequest, api: str
+    ) -> cri.CreateContainerResponse:
+        _require(request.pod_sandbox_id, "pod_sandbox_id")
+        container_id = await self.containers.create(
+            request.pod_sandbox_id, request.config, request.sandbox_config
+        )
+        return cri.CreateContainerResponse(container_id=container_id)
+
+    async def start_container(
+        self, request: cri.StartContainerRequest, api: str
+    ) -> cri.StartContainerResponse:
+        _require(request.container_id, "container_id")
+        await self.containers.start(request.container_id)
+        return cri.StartContainerResponse()
+
+    async def stop_container(
+        self, request: cri.StopContainerRequest, api: str
+    ) -> cri.StopContainerResponse:
+        _require(request.container_id, "container_id")
+        await self.containers.stop(request.container_id, request.timeout)
+        return cri.StopContainerResponse()
+
+    async def remove_container(
+        self, request: cri.RemoveContainerRequest, api: str
+    ) -> cri.RemoveContainerResponse:
+        _require(request.container_id, "container_id")
+        await self.containers.remove(request.container_id)
+        return cri.RemoveContainerResponse()
+
+    async def list_containers(
+        self, request: cri.ListContainersRequest, api: str
+    ) -> cri.ListContainersResponse:
+        records = self.ctx.metadata.containers()
+        f = request.filter
+        if f is not None:
+            if f.id:
+                records = [r for r in records if r.id.startswith(f.id)]
+            if f.state is not None:
+                wanted = cri.ContainerState(f.state.state).name
+                records = [r for r in records if r.state == wanted]
+            if f.pod_sandbox_id:
+                records = [r for r in records if r.sandbox_id.startswith(f.pod_sandbox_id)]
+            if f.label_selector:
+                records = [r for r in records if _labels_match(r.labels, f.label_selector)]
+        records.sort(key=lambda r: r.created_at)
+        return cri.ListContainersResponse(containers=[convert.container(r) for r in records])
+
+    async def container_status(
+        self, request: cri.ContainerStatusRequest, api: str
+    ) -> cri.ContainerStatusResponse:
+        record = self.containers.resolve(request.container_id)
+        info = convert.container_info(record) if request.verbose else {}
+        return cri.ContainerStatusResponse(status=convert.container_status(record), info=info)
+
+    async def reopen_container_log(
+        self, request: cri.ReopenContainerLogRequest, api: str
+    ) -> cri.ReopenContainerLogResponse:
+        record = self.containers.resolve(request.container_id)
+        shim = self.containers.shims.get(record.id)
+        if shim is None:
+            raise NotFound(f"container {record.id} is not running, so it has no log to reopen")
+        shim.reopen_log()
+        return cri.ReopenContainerLogResponse()
+
+    # Images
+
+    async def pull_image(self, request: cri.PullImageRequest, api: str) -> cri.PullImageResponse:
+        if request.image is None or not request.image.image:
+            raise InvalidArgument("PullImage needs image.image, the reference to pull")
+        from servin_shim.images.registry import RegistryAuth
+
+        auth = None
+        if request.auth is not None:
+            auth = RegistryAuth.from_cri(request.auth)
+        image_id = await self.ctx.images.pull(request.image.image, auth)
+        record = self.ctx.images.status(image_id)
+        # kubelet records image_ref; containerd returns the image id there.
+        return cri.PullImageResponse(image_ref=record.id if record else image_id)
+
+    async def list_images(self, request: cri.ListImagesRequest, api: str) -> cri.ListImagesResponse:
+        wanted = request.filter.image.image if request.filter and request.filter.image else None
+        records = self.ctx.images.list(wanted or None)
+        return cri.ListImagesResponse(images=[convert.image(r) for r in records])
+
+    async def image_status(
+        self, request: cri.ImageStatusRequest, api: str
+    ) -> cri.ImageStatusResponse:
+        if request.image is None or not request.image.image:
+            raise InvalidArgument("ImageStatus needs image.image")
+        record = self.ctx.images.status(request.image.image)
+        if record is None:
+            # The CRI wants an empty status, not an error, for an image that is not present.
+            return cri.ImageStatusResponse()
+        info = {"info": _json(record.config)} if request.verbose else {}
+        return cri.ImageStatusResponse(image=convert.image(record), info=info)
+
+    async def remove_image(
+        self, request: cri.RemoveImageRequest, api: str
+    ) -> cri.RemoveImageResponse:
+        if request.image is None or not request.image.image:
+            raise InvalidArgument("RemoveImage needs image.image")
+        await self.ctx.images.remove(request.image.image)
+        return cri.RemoveImageResponse()
+
+    async def image_fs_info(
+        self, request: cri.ImageFsInfoRequest, api: str
+    ) -> cri.ImageFsInfoResponse:
+        usage = await self.ctx.images.fs_info()
+        fs = cri.FilesystemUsage(
+            timestamp=time.time_ns(),
+            fs_id=cri.FilesystemIdentifier(mountpoint=str(usage.mountpoint)),
+            used_bytes=cri.UInt64Value(value=usage.used_bytes),
+            inodes_used=cri.UInt64Value(value=usage.inodes_used),
+        )
+        return cri.ImageFsInfoResponse(image_filesystems=[fs])
+
+
+def _require(value: str, field: str) -> None:
+    if not value:
+        raise InvalidArgument(f"{field} is empty: the request must name the object")
+
+
+def _labels_match(labels: dict[str, str], selector: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _json(data: Any) -> str:
+    import json
+
+    return json.dumps(data)

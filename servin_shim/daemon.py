@@ -1,0 +1,180 @@
+"""The servin-shim daemon: assemble the parts, recover state, serve the CRI, stop gracefully.
+
+Start-up order: directories, database, reaper, image service, runtimes; then reconcile the
+records with what runc reports; then open the sockets. Shutdown order (SIGTERM or SIGINT): stop
+accepting RPCs, let in-flight RPCs finish for a few seconds, stop reading container output, close
+the database. Containers keep running: they belong to the runtime, and a restarted daemon
+adopts them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import signal
+import socket
+from pathlib import Path
+
+from grpclib.server import Server
+
+from servin_shim import RUNTIME_NAME, __version__
+from servin_shim.config import Settings
+from servin_shim.cri.context import Paths, RuntimeContext
+from servin_shim.cri.recovery import recover
+from servin_shim.cri.service import CRIService
+from servin_shim.errors import FailedPrecondition, ServinError
+from servin_shim.images.service import ImageService
+from servin_shim.network.netns import NetworkNamespaces
+from servin_shim.oci.reaper import Reaper
+from servin_shim.oci.runtime import OCIRuntime
+from servin_shim.state import Database
+from servin_shim.state.metadata import MetadataStore
+
+log = logging.getLogger(__name__)
+
+#: How long in-flight RPCs may run after a stop signal before the server closes anyway.
+SHUTDOWN_GRACE = 10.0
+
+
+def check_socket(path: Path) -> None:
+    """Remove a stale socket file; refuse to start if a live daemon answers on it."""
+    if not path.exists() and not path.is_symlink():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+            raise
+        log.info("removing stale socket left by a stopped daemon path=%s", path)
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise FailedPrecondition(
+        f"another daemon is serving on {path}: stop it first or choose another --cri-socket"
+    )
+
+
+def build_runtimes(settings: Settings, reaper: Reaper) -> dict[str, OCIRuntime]:
+    runtimes: dict[str, OCIRuntime] = {}
+    for name, handler in settings.config.spec.runtime.runtime_handlers.items():
+        engine = str(handler.runtime_engine)
+        if shutil.which(engine) is None:
+            log.warning("runtime handler %s is unavailable: %s is not installed", name, engine)
+            continue
+        runtimes[name] = OCIRuntime(reaper, name=name, binary=engine,
+                                    root=Path(str(handler.runtime_root)))
+    return runtimes
+
+
+async def serve(settings: Settings) -> int:
+    spec = settings.config.spec
+    loop = asyncio.get_running_loop()
+    socket_path = Path(settings.cri_socket)
+
+    for directory in (settings.root, settings.state_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(socket_path.parent, 0o711)
+    check_socket(socket_path)
+
+    reaper = Reaper()
+    reaper.install(loop)
+    db = Database(settings.root / "servin.db")
+    metadata = MetadataStore(db)
+    runtimes = build_runtimes(settings, reaper)
+    default_handler = spec.container.default_runtime
+    if default_handler not in runtimes:
+        raise FailedPrecondition(
+            f"the default runtime handler {default_handler!r} is not available: install its "
+            "binary or set spec.container.defaultRuntime to an installed handler"
+        )
+
+    def chain_ids_in_use() -> set[str]:
+        used: set[str] = set()
+        for record in metadata.containers():
+            image = images.store.get(record.image_id)
+            if image is not None:
+                used.update(image.chain_ids)
+        return used
+
+    images = ImageService(
+        settings.root,
+        db,
+        default_registry=spec.image.default_registry,
+        insecure_registries=spec.image.insecure_registries,
+        registry_mirrors={h: m.endpoints for h, m in spec.image.registry_mirrors.items()},
+        pull_timeout=spec.image_service.pull_timeout,
+        parallel_pulls=spec.image_service.parallel_pulls,
+        in_use_chain_ids=chain_ids_in_use,
+    )
+    sandbox_image = ""
+    if spec.pod_sandbox.image_repository:
+        sandbox_image = spec.pod_sandbox.image_repository
+        if spec.pod_sandbox.image_tag:
+            sandbox_image += f":{spec.pod_sandbox.image_tag}"
+    ctx = RuntimeContext(
+        paths=Paths(root=settings.root, state=settings.state_dir),
+        metadata=metadata,
+        reaper=reaper,
+        netns=NetworkNamespaces(settings.state_dir / "netns", reaper),
+        images=images,
+        runtimes=runtimes,
+        default_handler=default_handler,
+        sandbox_image=sandbox_image,
+    )
+    service = CRIService(ctx)
+    await recover(service)
+
+    server = Server([service])
+    old_umask = os.umask(0o117)
+    try:
+        await server.start(path=str(socket_path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(socket_path, 0o660)
+    servers = [server]
+    if spec.cri_port is not None:
+        tcp = Server([service])
+        await tcp.start(host=spec.cri_port.host, port=spec.cri_port.port)
+        servers.append(tcp)
+        log.info("serving CRI over TCP address=%s:%d", spec.cri_port.host, spec.cri_port.port)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("%s %s serving CRI on %s (runtimes: %s)", RUNTIME_NAME, __version__, socket_path,
+             ", ".join(sorted(runtimes)))
+    await stop.wait()
+
+    log.info("stopping: no new RPCs are accepted, waiting up to %.0fs for running ones",
+             SHUTDOWN_GRACE)
+    for srv in servers:
+        srv.close()
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(
+            asyncio.gather(*(srv.wait_closed() for srv in servers)), SHUTDOWN_GRACE
+        )
+    # Output that arrives from now on waits in the FIFOs for the next daemon.
+    for shim in list(service.containers.shims.values()) + list(service.sandboxes.shims.values()):
+        shim.detach()
+    socket_path.unlink(missing_ok=True)
+    reaper.uninstall()
+    db.close()
+    log.info("stopped; containers keep running and are adopted at the next start")
+    return 0
+
+
+def run(settings: Settings) -> int:
+    """Run the daemon until SIGTERM or SIGINT; return the process exit code."""
+    try:
+        return asyncio.run(serve(settings))
+    except ServinError as exc:
+        log.error("%s", exc)
+        return 1

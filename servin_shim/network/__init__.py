@@ -1,0 +1,1 @@
+"""Pod networking: network namespaces now, CNI plugins on top of them."""

@@ -1,0 +1,199 @@
+"""The OCI runtime binary (runc, or crun which takes the same command line).
+
+Each method is one runtime command. Errors from ``create`` and ``start`` come from the runtime's
+JSON log (``--log``), because the container's stdio is the runtime's stdio during ``create`` and
+its stderr therefore belongs to the container.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from servin_shim.errors import NotFound, ServinError
+from servin_shim.oci.reaper import Reaper
+
+log = logging.getLogger(__name__)
+
+#: Upper bound for one runtime command. ``runc create`` of a large bundle takes well under a
+#: second here; a command still running after this is hung (for example on a frozen cgroup).
+COMMAND_TIMEOUT = 120.0
+
+
+class OCIRuntimeError(ServinError):
+    """The OCI runtime binary failed; the message carries its own error text."""
+
+
+@dataclass(frozen=True)
+class RuntimeState:
+    """What ``runc state`` reports: created, running, paused or stopped, and the init pid."""
+
+    id: str
+    status: str
+    pid: int
+    bundle: str
+
+
+class OCIRuntime:
+    """One configured runtime handler: a binary and the root directory of its state."""
+
+    def __init__(
+        self, reaper: Reaper, *, name: str, binary: str, root: Path, extra_args: tuple[str, ...] = ()
+    ) -> None:
+        self.name = name
+        self.binary = binary
+        self.root = root
+        self._reaper = reaper
+        self._extra = extra_args
+
+    def _argv(self, *args: str, log_file: Path | None = None) -> list[str]:
+        argv = [self.binary, "--root", str(self.root)]
+        if log_file is not None:
+            argv += ["--log", str(log_file), "--log-format", "json"]
+        return argv + list(self._extra) + list(args)
+
+    async def _run(self, *args: str, log_file: Path | None = None, **kwargs: Any) -> bytes:
+        argv = self._argv(*args, log_file=log_file)
+        try:
+            result = await self._reaper.run(argv, timeout=COMMAND_TIMEOUT, **kwargs)
+        except TimeoutError:
+            raise OCIRuntimeError(
+                f"{self.name} {args[0]} timed out after {COMMAND_TIMEOUT:.0f}s: {' '.join(argv)}"
+            ) from None
+        if result.returncode != 0:
+            message = _last_log_error(log_file) or result.stderr.decode(errors="replace").strip()
+            raise OCIRuntimeError(f"{self.name} {args[0]} failed: {message}")
+        return result.stdout
+
+    async def create(
+        self,
+        container_id: str,
+        bundle: Path,
+        *,
+        pid_file: Path,
+        stdout_fd: int,
+        stderr_fd: int,
+        stdin_fd: int | None = None,
+    ) -> int:
+        """Run ``create``: the container's init process exists and waits for ``start``.
+
+        The given fds become the container's stdio, so they are passed straight through and
+        errors are read from the runtime's log. Returns the init pid.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        log_file = bundle / "runtime.log"
+        argv = self._argv(
+            "create", "--bundle", str(bundle), "--pid-file", str(pid_file), container_id,
+            log_file=log_file,
+        )
+        proc = self._reaper.spawn(
+            argv,
+            stdin=subprocess.DEVNULL if stdin_fd is None else stdin_fd,
+            stdout=stdout_fd,
+            stderr=stderr_fd,
+        )
+        try:
+            code = await asyncio.wait_for(self._reaper.wait(proc.pid), COMMAND_TIMEOUT)
+        except TimeoutError:
+            os.kill(proc.pid, signal.SIGKILL)
+            raise OCIRuntimeError(
+                f"{self.name} create of container {container_id} timed out after "
+                f"{COMMAND_TIMEOUT:.0f}s"
+            ) from None
+        proc.returncode = code
+        if code != 0:
+            raise OCIRuntimeError(
+                f"{self.name} create of container {container_id} failed: "
+                f"{_last_log_error(log_file) or f'exit code {code}'}"
+            )
+        return int(pid_file.read_text().strip())
+
+    async def start(self, container_id: str, *, bundle: Path) -> None:
+        await self._run("start", container_id, log_file=bundle / "runtime.log")
+
+    async def kill(self, container_id: str, sig: int = signal.SIGTERM, *, all_: bool = False) -> None:
+        """Send a signal to the init process (or, with ``all_``, to every process)."""
+        args = ["kill"] + (["--all"] if all_ else []) + [container_id, str(int(sig))]
+        try:
+            await self._run(*args)
+        except OCIRuntimeError as exc:
+            if _is_gone(str(exc)):
+                raise NotFound(f"container {container_id} is not running") from exc
+            raise
+
+    async def delete(self, container_id: str, *, force: bool = False) -> None:
+        """Remove the runtime's state of a container; a container it does not know is fine."""
+        args = ["delete"] + (["--force"] if force else []) + [container_id]
+        try:
+            await self._run(*args)
+        except OCIRuntimeError as exc:
+            if _is_gone(str(exc)):
+                return
+            raise
+
+    async def state(self, container_id: str) -> RuntimeState | None:
+        """Return the runtime's view of a container, or None if it does not know it."""
+        try:
+            out = await self._run("state", container_id)
+        except OCIRuntimeError as exc:
+            if _is_gone(str(exc)):
+                return None
+            raise
+        data = json.loads(out)
+        return RuntimeState(
+            id=data["id"], status=data["status"], pid=int(data.get("pid") or 0),
+            bundle=data.get("bundle", ""),
+        )
+
+    async def list(self) -> list[RuntimeState]:
+        """Return every container in this runtime root."""
+        if not self.root.exists():
+            return []
+        out = await self._run("list", "--format", "json")
+        items = json.loads(out or b"null") or []
+        return [
+            RuntimeState(
+                id=i["id"], status=i["status"], pid=int(i.get("pid") or 0),
+                bundle=i.get("bundle", ""),
+            )
+            for i in items
+        ]
+
+    async def version(self) -> str:
+        out = await self._run("--version")
+        return out.decode().splitlines()[0] if out else ""
+
+    async def update(self, container_id: str, resources: dict[str, Any]) -> None:
+        """Apply new resource limits (an OCI ``linux.resources`` object) to a live container."""
+        await self._run(
+            "update", "--resources", "-", container_id, input=json.dumps(resources).encode()
+        )
+
+
+def _is_gone(message: str) -> bool:
+    text = message.lower()
+    return "does not exist" in text or "not exist" in text or "container not running" in text
+
+
+def _last_log_error(log_file: Path | None) -> str:
+    """Return the last error-level message of a runtime JSON log, or an empty string."""
+    if log_file is None or not log_file.exists():
+        return ""
+    message = ""
+    for line in log_file.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("level") in ("error", "fatal"):
+            message = str(entry.get("msg", ""))
+    return message
+
+
