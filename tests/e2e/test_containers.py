@@ -1,0 +1,125 @@
+"""Container lifecycle details on real runc: exit codes, stop signals and timeouts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from servin_shim.api.runtime import v1 as cri
+from tests.e2e.helpers import container_config, run_container, sandbox_config, wait_for_state
+from tests.support.daemon import Daemon
+
+
+@dataclass
+class Pod:
+    daemon: Daemon
+    image: str
+    sandbox_id: str
+    config: cri.PodSandboxConfig
+
+    async def run(self, name: str, script: str) -> str:
+        config = container_config(self.image, name, command=["sh", "-c", script],
+                                  log_path=f"{name}.log")
+        return await run_container(self.daemon.runtime, self.sandbox_id, self.config, config)
+
+
+@pytest.fixture
+async def pod(daemon: Daemon, busybox_ref: str) -> AsyncIterator[Pod]:
+    await daemon.images.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_ref)))
+    config = sandbox_config("containers", log_directory=daemon.logs)
+    run = await daemon.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
+    yield Pod(daemon, busybox_ref, run.pod_sandbox_id, config)
+
+
+async def test_exit_code_zero_is_completed(pod: Pod) -> None:
+    container_id = await pod.run("ok", "true")
+
+    status = await wait_for_state(pod.daemon.runtime, container_id,
+                                  cri.ContainerState.CONTAINER_EXITED)
+
+    assert status.exit_code == 0
+    assert status.reason == "Completed"
+
+
+async def test_stop_kills_container_ignoring_sigterm(pod: Pod) -> None:
+    container_id = await pod.run("stubborn", "trap '' TERM; echo ready; while true; do sleep 0.1; done")
+    await wait_for_state(pod.daemon.runtime, container_id, cri.ContainerState.CONTAINER_RUNNING)
+
+    await pod.daemon.runtime.stop_container(
+        cri.StopContainerRequest(container_id=container_id, timeout=1))
+
+    status = await wait_for_state(pod.daemon.runtime, container_id,
+                                  cri.ContainerState.CONTAINER_EXITED)
+    assert status.exit_code == 128 + 9
+
+
+async def test_stop_delivers_sigterm_first(pod: Pod) -> None:
+    container_id = await pod.run("polite", "trap 'exit 5' TERM; while true; do sleep 0.1; done")
+    await wait_for_state(pod.daemon.runtime, container_id, cri.ContainerState.CONTAINER_RUNNING)
+
+    await pod.daemon.runtime.stop_container(
+        cri.StopContainerRequest(container_id=container_id, timeout=30))
+
+    status = await wait_for_state(pod.daemon.runtime, container_id,
+                                  cri.ContainerState.CONTAINER_EXITED)
+    assert status.exit_code == 5
+
+
+async def test_stop_and_remove_are_idempotent(pod: Pod) -> None:
+    container_id = await pod.run("twice", "sleep 100")
+    runtime = pod.daemon.runtime
+
+    await runtime.stop_container(cri.StopContainerRequest(container_id=container_id, timeout=0))
+    await runtime.stop_container(cri.StopContainerRequest(container_id=container_id, timeout=0))
+    await runtime.remove_container(cri.RemoveContainerRequest(container_id=container_id))
+    await runtime.remove_container(cri.RemoveContainerRequest(container_id=container_id))
+    await runtime.stop_container(cri.StopContainerRequest(container_id=container_id, timeout=0))
+
+    listed = await runtime.list_containers(cri.ListContainersRequest())
+    assert listed.containers == []
+
+
+async def test_remove_running_container_kills_it(pod: Pod) -> None:
+    container_id = await pod.run("running", "sleep 100")
+    await wait_for_state(pod.daemon.runtime, container_id, cri.ContainerState.CONTAINER_RUNNING)
+
+    await pod.daemon.runtime.remove_container(cri.RemoveContainerRequest(container_id=container_id))
+
+    assert pod.daemon.runc_containers() == [pod.sandbox_id]
+
+
+async def test_env_args_and_workdir_reach_process(pod: Pod) -> None:
+    config = container_config(
+        pod.image, "env", command=["sh", "-c"], args=['echo "$GREETING $PWD"'],
+        envs={"GREETING": "hello"}, working_dir="/tmp", log_path="env.log",
+    )
+    container_id = await run_container(pod.daemon.runtime, pod.sandbox_id, pod.config, config)
+    await wait_for_state(pod.daemon.runtime, container_id, cri.ContainerState.CONTAINER_EXITED)
+
+    log_text = (pod.daemon.logs / "env.log").read_text()
+    assert log_text.rstrip("\n").endswith("stdout F hello /tmp")
+
+
+async def test_two_containers_share_network_namespace(pod: Pod) -> None:
+    first = await pod.run("first", "readlink /proc/self/ns/net")
+    second = await pod.run("second", "readlink /proc/self/ns/net")
+    for container_id in (first, second):
+        await wait_for_state(pod.daemon.runtime, container_id, cri.ContainerState.CONTAINER_EXITED)
+
+    first_ns = (pod.daemon.logs / "first.log").read_text().split()[-1]
+    second_ns = (pod.daemon.logs / "second.log").read_text().split()[-1]
+    assert first_ns.startswith("net:[")
+    assert first_ns == second_ns
+
+
+async def test_pod_network_has_only_loopback_up(pod: Pod) -> None:
+    container_id = await pod.run("links", "ls /sys/class/net; cat /sys/class/net/lo/flags")
+    await wait_for_state(pod.daemon.runtime, container_id, cri.ContainerState.CONTAINER_EXITED)
+
+    output = [line.split()[-1] for line in
+              (pod.daemon.logs / "links.log").read_text().splitlines()]
+    assert output[:-1] == ["lo"]
+    # IFF_UP is bit 0 of the interface flags.
+    assert int(output[-1], 16) & 0x1
