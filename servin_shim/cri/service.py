@@ -10,6 +10,7 @@ Each handler is thin: decode, call the manager, map errors in ``as_grpc_status``
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ from servin_shim.cri.context import RuntimeContext
 from servin_shim.cri.errors import as_grpc_status
 from servin_shim.cri.sandboxes import SandboxManager
 from servin_shim.errors import InvalidArgument, NotFound, Unimplemented
+from servin_shim.images.registry import RegistryAuth
 
 log = logging.getLogger("servin_shim.cri")
 
@@ -311,11 +313,7 @@ class CRIService:
     async def pull_image(self, request: cri.PullImageRequest, api: str) -> cri.PullImageResponse:
         if request.image is None or not request.image.image:
             raise InvalidArgument("PullImage needs image.image, the reference to pull")
-        from servin_shim.images.registry import RegistryAuth
-
-        auth = None
-        if request.auth is not None:
-            auth = RegistryAuth.from_cri(request.auth)
+        auth = registry_auth(request.auth)
         image_id = await self.ctx.images.pull(request.image.image, auth)
         record = self.ctx.images.status(image_id)
         # kubelet records image_ref; containerd returns the image id there.
@@ -352,11 +350,32 @@ class CRIService:
         usage = await self.ctx.images.fs_info()
         fs = cri.FilesystemUsage(
             timestamp=time.time_ns(),
-            fs_id=cri.FilesystemIdentifier(mountpoint=str(usage.mountpoint)),
+            fs_id=cri.FilesystemIdentifier(mountpoint=str(usage.mount_point)),
             used_bytes=cri.UInt64Value(value=usage.used_bytes),
             inodes_used=cri.UInt64Value(value=usage.inodes_used),
         )
         return cri.ImageFsInfoResponse(image_filesystems=[fs])
+
+
+def registry_auth(auth: cri.AuthConfig | None) -> RegistryAuth | None:
+    """Turn the CRI AuthConfig into registry credentials; None for an anonymous pull.
+
+    ``auth`` (base64 of user:password) is used when username and password are not given, and a
+    ready ``registry_token`` wins over both, as containerd orders them.
+    """
+    if auth is None:
+        return None
+    if auth.registry_token:
+        return RegistryAuth(registry_token=auth.registry_token)
+    if auth.username or auth.password:
+        return RegistryAuth(username=auth.username, password=auth.password)
+    if auth.auth:
+        return RegistryAuth.from_encoded(auth.auth)
+    if auth.identity_token:
+        # TODO: exchange an identity (refresh) token for an access token at the realm; until
+        # then it is sent as a bearer token, which registries that issue them reject.
+        return RegistryAuth(registry_token=auth.identity_token)
+    return None
 
 
 def _require(value: str, field: str) -> None:
@@ -369,6 +388,4 @@ def _labels_match(labels: dict[str, str], selector: dict[str, str]) -> bool:
 
 
 def _json(data: Any) -> str:
-    import json
-
     return json.dumps(data)

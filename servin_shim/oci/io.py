@@ -1,9 +1,11 @@
 """Container stdio through named pipes (FIFOs) that outlive the daemon.
 
-The container writes to ``<io dir>/stdout`` and ``<io dir>/stderr``. The daemon opens each FIFO
-``O_RDWR``: it is then a reader and a writer at once, so the container never gets EPIPE or
-SIGPIPE while no daemon reads. Output waits in the pipe buffer (and then blocks the writer)
-until a daemon opens the FIFO again, which is how a daemon restart loses no log line.
+The container writes to ``<io dir>/stdout`` and ``<io dir>/stderr``. Both the daemon's reading
+end and the container's writing end are opened ``O_RDWR``, so each holder counts as a reader
+too: while the container lives, its pipe never loses its last reader, writes never fail with
+EPIPE or SIGPIPE, and output waits in the pipe buffer (then blocks the writer) until a daemon
+reads it again. That is how a daemon restart loses no log line. containerd's shim and conmon
+get the same effect by keeping a read end open in a process that outlives the daemon.
 """
 
 from __future__ import annotations
@@ -36,12 +38,11 @@ def create_fifos(io_dir: Path) -> None:
 
 
 def open_writer_fds(io_dir: Path) -> dict[str, int]:
-    """Open blocking write ends to hand to the runtime; the caller closes them after create.
+    """Open the blocking ends to hand to the runtime as the container's stdout and stderr.
 
-    Opening a FIFO for writing blocks until a reader exists, so the daemon's ``StreamPump`` must
-    have opened the FIFOs first.
+    They are read-write (see the module docstring); the caller closes its copies after create.
     """
-    return {name: os.open(io_dir / name, os.O_WRONLY | os.O_CLOEXEC) for name in STREAMS}
+    return {name: os.open(io_dir / name, os.O_RDWR | os.O_CLOEXEC) for name in STREAMS}
 
 
 class StreamPump:

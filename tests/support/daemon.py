@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -65,7 +66,7 @@ class Daemon:
         )
         log.close()
         deadline = time.monotonic() + START_TIMEOUT
-        while not self.socket.exists():
+        while not self._accepting():
             if self.process.poll() is not None:
                 raise RuntimeError(f"servin-shim exited at start:\n{self.log_text()}")
             if time.monotonic() > deadline:
@@ -73,6 +74,16 @@ class Daemon:
             time.sleep(0.05)
         self.channel = Channel(path=str(self.socket))
         return self
+
+    def _accepting(self) -> bool:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.socket))
+        except OSError:
+            return False
+        finally:
+            probe.close()
+        return True
 
     @property
     def runtime(self) -> cri.RuntimeServiceStub:
@@ -138,8 +149,10 @@ class Daemon:
 
 
 def process_alive(pid: int) -> bool:
+    """Return True if ``pid`` runs; a zombie waiting for its parent to reap it counts as gone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    # The state letter follows the command name, which is in parentheses and may hold spaces.
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")

@@ -1,0 +1,405 @@
+"""The image service: pull, list, inspect and remove images, and hand out their layers.
+
+It ties the registry client, the content store, the snapshot store and the image records
+together. It speaks plain Python and pydantic types; the CRI layer maps them to protobuf.
+
+Pull pipeline: resolve the reference to a platform manifest and store manifest and config.
+Then start all layer downloads, at most ``parallel_pulls`` at a time across the daemon. Unpack
+the layers bottom first as each download completes, and finally write the image record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import re
+import time
+import weakref
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import BaseModel
+
+from servin_shim.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
+from servin_shim.images.content import ContentStore
+from servin_shim.images.reference import Reference, is_image_id, parse_reference
+from servin_shim.images.registry import (
+    Descriptor,
+    Platform,
+    RegistryAuth,
+    RegistryClient,
+    ResolvedImage,
+    TokenCache,
+)
+from servin_shim.images.store import DIGEST, TAG, ImageRecord, ImageStore
+from servin_shim.images.unpack import SnapshotStore, chain_ids
+from servin_shim.state.db import Database
+
+log = logging.getLogger(__name__)
+
+# Short hex strings are valid repository names too ("abc" is docker.io/library/abc), so an id
+# prefix is only tried after name lookup fails, and only from this length on.
+MIN_ID_PREFIX = 4
+_HEX_RE = re.compile(r"^[a-f0-9]+$")
+
+
+class FsUsage(BaseModel):
+    """Disk use of the image filesystem (content store plus snapshots), for ImageFsInfo."""
+
+    mount_point: str
+    used_bytes: int
+    inodes_used: int
+    timestamp_ns: int
+
+
+class ImageService:
+    """Pulls images into ``root`` and keeps their records in ``db``."""
+
+    def __init__(
+        self,
+        root: Path,
+        db: Database,
+        *,
+        default_registry: str = "docker.io",
+        insecure_registries: Collection[str] = (),
+        registry_mirrors: Mapping[str, Sequence[str]] | None = None,
+        pull_timeout: float | None = None,
+        parallel_pulls: int = 3,
+        transport: httpx.AsyncBaseTransport | None = None,
+        platform: Platform | None = None,
+        in_use_chain_ids: Callable[[], Collection[str]] | None = None,
+    ) -> None:
+        if parallel_pulls < 1:
+            raise InvalidArgument(f"invalid parallel_pulls {parallel_pulls}: must be at least 1")
+        self.root = root
+        self.default_registry = default_registry
+        self.insecure_registries = frozenset(insecure_registries)
+        self.registry_mirrors = {k: list(v) for k, v in (registry_mirrors or {}).items()}
+        self.pull_timeout = pull_timeout
+        self.parallel_pulls = parallel_pulls
+        self.content = ContentStore(root)
+        self.snapshots = SnapshotStore(root)
+        self.store = ImageStore(db)
+        # Tests set transport and platform. The daemon leaves them unset.
+        self._transport = transport
+        self._platform = platform
+        # Containers keep their image layers mounted, so removal must not delete those.
+        self._in_use_chain_ids = in_use_chain_ids
+        self._tokens = TokenCache()
+        self._download_slots = asyncio.Semaphore(parallel_pulls)
+        self._pulls: dict[tuple[str, str], asyncio.Task[str]] = {}
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._pinned_by_pulls: list[set[str]] = []
+        self.content.clean_ingest()
+        self.snapshots.clean_temp()
+
+    # --- pull ------------------------------------------------------------------------------
+
+    async def pull(self, ref: str, auth: RegistryAuth | None = None) -> str:
+        """Pull ``ref`` and return the image id. Concurrent pulls of one reference share work."""
+        reference = parse_reference(ref, self.default_registry)
+        key = (str(reference), auth.fingerprint() if auth else "")
+        task = self._pulls.get(key)
+        if task is None:
+            task = asyncio.create_task(self._pull_with_timeout(reference, auth))
+            self._pulls[key] = task
+            task.add_done_callback(lambda done: self._pull_done(key, done))
+        else:
+            log.info("joining pull in progress ref=%s", reference)
+        # shield: a caller that gives up must not cancel the pull other callers wait for.
+        return await asyncio.shield(task)
+
+    def _pull_done(self, key: tuple[str, str], task: asyncio.Task[str]) -> None:
+        if self._pulls.get(key) is task:
+            del self._pulls[key]
+        if not task.cancelled() and task.exception() is not None:
+            log.info("pull failed ref=%s error=%s", key[0], task.exception())
+
+    async def _pull_with_timeout(self, reference: Reference, auth: RegistryAuth | None) -> str:
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.pull_timeout):
+                image_id = await self._pull_from_endpoints(reference, auth)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"pull of {reference} did not finish within {self.pull_timeout} s; "
+                "raise pull_timeout or check the registry"
+            ) from None
+        log.info(
+            "image pulled ref=%s image_id=%s seconds=%.2f",
+            reference,
+            image_id,
+            time.monotonic() - started,
+        )
+        return image_id
+
+    def _endpoints(self, reference: Reference) -> list[tuple[str, frozenset[str], bool]]:
+        """Return (host, insecure hosts, is mirror) to try in order: mirrors, then the registry."""
+        endpoints = []
+        for mirror in self.registry_mirrors.get(reference.registry, []):
+            url = httpx.URL(mirror if "://" in mirror else f"https://{mirror}")
+            host = url.netloc.decode()
+            insecure = self.insecure_registries | ({host} if url.scheme == "http" else set())
+            endpoints.append((host, frozenset(insecure), True))
+        endpoints.append((reference.api_host, self.insecure_registries, False))
+        return endpoints
+
+    async def _pull_from_endpoints(self, reference: Reference, auth: RegistryAuth | None) -> str:
+        endpoints = self._endpoints(reference)
+        for host, insecure, is_mirror in endpoints:
+            client = RegistryClient(
+                host,
+                insecure_registries=insecure,
+                # Credentials belong to the registry they were given for, never to a mirror.
+                auth=None if is_mirror else auth,
+                token_cache=self._tokens,
+                transport=self._transport,
+                platform=self._platform,
+            )
+            async with client:
+                try:
+                    resolved = await client.resolve(reference)
+                except (Unavailable, NotFound, Unauthenticated) as exc:
+                    if not is_mirror:
+                        raise
+                    log.warning(
+                        "mirror failed, trying next endpoint ref=%s mirror=%s error=%s",
+                        reference,
+                        host,
+                        exc,
+                    )
+                    continue
+                return await self._fetch_image(client, reference, resolved)
+        raise AssertionError("unreachable: the registry itself is always the last endpoint")
+
+    async def _fetch_image(
+        self, client: RegistryClient, reference: Reference, resolved: ResolvedImage
+    ) -> str:
+        for digest, body in resolved.documents.items():
+            self.content.write_bytes(body, digest)
+        busy: set[str] = set(resolved.documents) | {resolved.config.digest}
+        busy.update(layer.digest for layer in resolved.layers)
+        self._pinned_by_pulls.append(busy)
+        try:
+            await self._fetch_blob(client, reference.repository, resolved.config)
+            config = self.content.read_json(resolved.config.digest)
+            diff_ids = _diff_ids(reference, config, len(resolved.layers))
+            chains = chain_ids(diff_ids)
+            busy.update(chains)
+            await self._fetch_layers(client, reference, resolved.layers, diff_ids, chains)
+        finally:
+            self._pinned_by_pulls.remove(busy)
+
+        names: list[tuple[str, str]] = []
+        tagged = reference.with_tag()
+        if tagged:
+            names.append((tagged, TAG))
+        names.append((reference.with_digest(resolved.digest), DIGEST))
+        record = ImageRecord(
+            id=resolved.config.digest,
+            size=resolved.config.size + sum(layer.size for layer in resolved.layers),
+            manifest_digest=resolved.manifest_digest,
+            config=config,
+            chain_ids=chains,
+            blobs=[
+                *resolved.documents,
+                resolved.config.digest,
+                *(layer.digest for layer in resolved.layers),
+            ],
+        )
+        for orphan in self.store.save(record, names):
+            self._delete_record(orphan)
+        return record.id
+
+    async def _fetch_layers(
+        self,
+        client: RegistryClient,
+        reference: Reference,
+        layers: list[Descriptor],
+        diff_ids: list[str],
+        chains: list[str],
+    ) -> None:
+        """Download layers concurrently and unpack them bottom first as they arrive."""
+        downloads = [
+            asyncio.create_task(self._fetch_layer_blob(client, reference.repository, layer, chain))
+            for layer, chain in zip(layers, chains, strict=True)
+        ]
+        try:
+            lowers: list[Path] = []  # fs dirs of the layers unpacked so far, top first
+            for index, layer in enumerate(layers):
+                await downloads[index]
+                chain = chains[index]
+                async with self._lock(f"snapshot:{chain}"):
+                    fs = await self.snapshots.unpack(
+                        chain, self.content.path(layer.digest), diff_ids[index], lowers
+                    )
+                lowers.insert(0, fs)
+        finally:
+            for task in downloads:
+                task.cancel()
+            await asyncio.gather(*downloads, return_exceptions=True)
+
+    async def _fetch_layer_blob(
+        self, client: RegistryClient, repository: str, layer: Descriptor, chain: str
+    ) -> None:
+        # A layer whose snapshot exists needs no download at all.
+        if self.snapshots.has(chain):
+            return
+        await self._fetch_blob(client, repository, layer)
+
+    async def _fetch_blob(self, client: RegistryClient, repository: str, blob: Descriptor) -> None:
+        async with self._lock(f"blob:{blob.digest}"):
+            if self.content.has(blob.digest):
+                log.debug("blob present, skipping download digest=%s", blob.digest)
+                return
+            async with self._download_slots:
+                await client.fetch_blob(repository, blob, self.content)
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[key] = lock
+        return lock
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def list(self, filter_ref: str | None = None) -> builtins.list[ImageRecord]:
+        """Return all images, or the one ``filter_ref`` resolves to."""
+        if not filter_ref:
+            return self.store.all()
+        record = self.status(filter_ref)
+        return [record] if record else []
+
+    def status(self, ref_or_id: str) -> ImageRecord | None:
+        """Return the image for an id, id prefix, tag, digest reference or short name."""
+        resolved = self._resolve(ref_or_id)
+        return self.store.get(resolved[0]) if resolved else None
+
+    def _resolve(self, ref_or_id: str) -> tuple[str, str | None] | None:
+        """Return (image id, name used) where name is None when resolved by id."""
+        text = ref_or_id.strip()
+        if is_image_id(text):
+            image_id = text if text.startswith("sha256:") else f"sha256:{text}"
+            return (image_id, None) if self.store.get(image_id) else None
+        try:
+            reference = parse_reference(text, self.default_registry)
+        except InvalidArgument:
+            reference = None
+        if reference is not None:
+            name = (
+                reference.with_digest(reference.digest)
+                if reference.digest
+                else reference.with_tag()
+            )
+            found = self.store.find_name(name) if name else None
+            if found:
+                return found[0], name
+        prefix = text.removeprefix("sha256:")
+        if len(prefix) >= MIN_ID_PREFIX and _HEX_RE.match(prefix):
+            matches = self.store.ids_with_prefix(f"sha256:{prefix}")
+            if len(matches) == 1:
+                return matches[0], None
+        return None
+
+    def config(self, image_id: str) -> dict[str, Any]:
+        """Return the OCI image config (``config.Entrypoint``, ``Cmd``, ``Env`` and so on)."""
+        return self._require(image_id).config
+
+    def rootfs_layers(self, image_id: str) -> builtins.list[Path]:
+        """Return the snapshot fs directories of an image, bottom layer first."""
+        record = self._require(image_id)
+        layers = [self.snapshots.fs(chain) for chain in record.chain_ids]
+        for chain, layer in zip(record.chain_ids, layers, strict=True):
+            if not layer.is_dir():
+                raise FailedPrecondition(
+                    f"layer {chain} of image {image_id} is missing on disk; pull the image again"
+                )
+        return layers
+
+    def pin(self, image_id: str, pinned: bool = True) -> None:
+        """Mark an image as pinned (the kubelet's image GC skips pinned images)."""
+        self._require(image_id)
+        self.store.set_pinned(image_id, pinned)
+
+    async def fs_info(self) -> FsUsage:
+        """Measure the disk use of content and snapshots (walks the trees in a thread)."""
+        content, snapshots = await asyncio.gather(
+            asyncio.to_thread(self.content.usage), asyncio.to_thread(self.snapshots.usage)
+        )
+        return FsUsage(
+            mount_point=str(self.root),
+            used_bytes=content.used_bytes + snapshots.used_bytes,
+            inodes_used=content.inodes_used + snapshots.inodes_used,
+            timestamp_ns=time.time_ns(),
+        )
+
+    def _require(self, image_id: str) -> ImageRecord:
+        record = self.store.get(image_id)
+        if record is None:
+            raise NotFound(f"image {image_id} not found; pull it first")
+        return record
+
+    # --- removal ---------------------------------------------------------------------------
+
+    async def remove(self, ref_or_id: str) -> None:
+        """Remove a tag, or the whole image when given its id, a digest or its last tag.
+
+        An unknown image is not an error. Blobs and snapshots that no other image, running
+        pull or container uses are deleted.
+        """
+        resolved = self._resolve(ref_or_id)
+        if resolved is None:
+            log.info("remove of unknown image ignored ref=%s", ref_or_id)
+            return
+        image_id, name = resolved
+        if name is not None and (self.store.find_name(name) or ("", ""))[1] == TAG:
+            self.store.remove_name(name)
+            remaining_tags = [n for n, kind in self.store.names(image_id) if kind == TAG]
+            if remaining_tags:
+                log.info("image tag removed name=%s image_id=%s", name, image_id)
+                return
+        self._delete_record(image_id)
+        log.info("image removed image_id=%s ref=%s", image_id, ref_or_id)
+
+    def _delete_record(self, image_id: str) -> None:
+        record = self.store.get(image_id)
+        if record is None:
+            return
+        self.store.delete(image_id)
+        blobs, chains = self.store.referenced()
+        for busy in self._pinned_by_pulls:
+            blobs |= busy
+            chains |= busy
+        if self._in_use_chain_ids is not None:
+            chains |= set(self._in_use_chain_ids())
+        for digest in record.blobs:
+            if digest not in blobs:
+                self.content.delete(digest)
+        for chain in record.chain_ids:
+            if chain not in chains:
+                self.snapshots.delete(chain)
+
+
+def _diff_ids(reference: Reference, config: Any, layer_count: int) -> list[str]:
+    """Return ``rootfs.diff_ids`` from an image config after checking it fits the manifest."""
+    rootfs = config.get("rootfs") if isinstance(config, dict) else None
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
+        raise InvalidArgument(f"invalid image config of {reference}: missing rootfs.diff_ids")
+    if len(diff_ids) != layer_count:
+        raise InvalidArgument(
+            f"invalid image {reference}: the config lists {len(diff_ids)} diff IDs but the "
+            f"manifest has {layer_count} layers"
+        )
+    return list(diff_ids)

@@ -1,0 +1,119 @@
+"""The daemon process: its socket, a second daemon, restarts that keep containers running."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import stat
+import subprocess
+
+from servin_shim.api.runtime import v1 as cri
+from tests.e2e.helpers import container_config, run_container, sandbox_config, wait_for_state
+from tests.support.daemon import SERVIN_BINARY, Daemon, process_alive
+
+
+async def test_socket_and_directory_modes(daemon: Daemon) -> None:
+    socket_mode = stat.S_IMODE(daemon.socket.stat().st_mode)
+    directory_mode = stat.S_IMODE(daemon.socket.parent.stat().st_mode)
+
+    assert socket_mode == 0o660
+    assert directory_mode == 0o711
+
+
+async def test_second_daemon_on_socket_refuses(daemon: Daemon) -> None:
+    second = subprocess.run(
+        [SERVIN_BINARY, "--root", str(daemon.workdir / "root2"),
+         "--state-dir", str(daemon.workdir / "state2"), "--cri-socket", str(daemon.socket)],
+        capture_output=True, timeout=60, check=False,
+    )
+
+    assert second.returncode != 0
+    assert b"another daemon is serving on" in second.stderr
+    assert str(daemon.socket).encode() in second.stderr
+    version = await daemon.runtime.version(cri.VersionRequest())
+    assert version.runtime_name == "servin-shim"
+
+
+async def test_stale_socket_is_replaced() -> None:
+    server = Daemon()
+    try:
+        server.socket.parent.mkdir(parents=True)
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(str(server.socket))
+        stale.close()
+
+        server.start()
+        version = await server.runtime.version(cri.VersionRequest())
+
+        assert version.runtime_name == "servin-shim"
+        assert "removing stale socket" in server.log_text()
+    finally:
+        server.cleanup()
+
+
+async def test_restart_keeps_containers_and_their_output(busybox_ref: str) -> None:
+    server = Daemon()
+    try:
+        server.start()
+        await server.images.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_ref)))
+        pod = sandbox_config("restart", log_directory=server.logs)
+        sandbox_id = (await server.runtime.run_pod_sandbox(
+            cri.RunPodSandboxRequest(config=pod))).pod_sandbox_id
+        counter = container_config(
+            busybox_ref, "counter", log_path="counter.log",
+            command=["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i; sleep 0.05; done"],
+        )
+        container_id = await run_container(server.runtime, sandbox_id, pod, counter)
+        running = await wait_for_state(server.runtime, container_id,
+                                       cri.ContainerState.CONTAINER_RUNNING)
+        pid = int(__import__("json").loads((await server.runtime.container_status(
+            cri.ContainerStatusRequest(container_id=container_id, verbose=True))).info["info"])["pid"])
+
+        assert server.stop(signal.SIGTERM) == 0
+        assert process_alive(pid)
+        # The container keeps writing while no daemon reads its output.
+        lines_while_down = len((server.logs / "counter.log").read_text().splitlines())
+        await __import__("asyncio").sleep(1.0)
+
+        server.start()
+        listed = await server.runtime.list_containers(cri.ListContainersRequest())
+        sandboxes = await server.runtime.list_pod_sandbox(cri.ListPodSandboxRequest())
+        await server.runtime.stop_container(
+            cri.StopContainerRequest(container_id=container_id, timeout=0))
+        await wait_for_state(server.runtime, container_id, cri.ContainerState.CONTAINER_EXITED)
+
+        assert [(c.id, c.state) for c in listed.containers] == [
+            (container_id, cri.ContainerState.CONTAINER_RUNNING)]
+        assert [(s.id, s.state) for s in sandboxes.items] == [
+            (sandbox_id, cri.PodSandboxState.SANDBOX_READY)]
+        assert running.started_at > 0
+        numbers = [int(line.split()[-1]) for line in
+                   (server.logs / "counter.log").read_text().splitlines()]
+        assert len(numbers) > lines_while_down
+        assert numbers == list(range(1, len(numbers) + 1))
+        assert not process_alive(pid)
+    finally:
+        server.cleanup()
+
+
+async def test_metadata_survives_daemon_kill(busybox_ref: str) -> None:
+    server = Daemon()
+    try:
+        server.start()
+        await server.images.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_ref)))
+        pod = sandbox_config("persist")
+        sandbox_id = (await server.runtime.run_pod_sandbox(
+            cri.RunPodSandboxRequest(config=pod))).pod_sandbox_id
+
+        server.stop(signal.SIGKILL)
+        server.start()
+        images = await server.images.list_images(cri.ListImagesRequest())
+        status = await server.runtime.pod_sandbox_status(
+            cri.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id))
+
+        assert [list(i.repo_tags) for i in images.images] == [[busybox_ref]]
+        assert status.status is not None
+        assert status.status.state == cri.PodSandboxState.SANDBOX_READY
+        assert status.status.labels == {"app": "persist"}
+    finally:
+        server.cleanup()

@@ -1,0 +1,1 @@
+"""Helpers shared by the test suites: a real registry and an OCI image builder."""
