@@ -18,7 +18,8 @@ from pathlib import Path
 from servin_shim.api.runtime import v1 as cri
 from servin_shim.cri.context import RuntimeContext, new_id, now_ns
 from servin_shim.errors import FailedPrecondition, InvalidArgument, NotFound
-from servin_shim.oci import rootfs, spec as ocispec
+from servin_shim.oci import rootfs
+from servin_shim.oci import spec as ocispec
 from servin_shim.oci.shim import ContainerShim
 from servin_shim.state.records import (
     SANDBOX_NOTREADY,

@@ -93,7 +93,7 @@ class StreamPump:
     def close(self) -> None:
         """Drain, stop reading, flush unfinished lines and close the log file."""
         self.drain()
-        for name, fd in self._fds.items():
+        for fd in self._fds.values():
             if self._loop is not None:
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(fd)

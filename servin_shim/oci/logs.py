@@ -22,7 +22,7 @@ DEFAULT_MAX_LINE = 16 * 1024
 
 def rfc3339_nano(now: datetime.datetime | None = None) -> bytes:
     """Format a UTC time with nine fraction digits, as kubelet's log parser accepts."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     ns = now.microsecond * 1000
     return now.strftime("%Y-%m-%dT%H:%M:%S").encode() + b".%09dZ" % ns
 

@@ -161,7 +161,7 @@ class Reaper:
             readers.append(_write_all(loop, proc.stdin, input))
         try:
             results = await asyncio.wait_for(asyncio.gather(*readers, exited), timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)
             # The reaper resolves the future once the killed process is gone; wait briefly for it
@@ -197,7 +197,7 @@ async def _read_all(loop: asyncio.AbstractEventLoop, pipe: object) -> bytes:
 
 
 async def _write_all(loop: asyncio.AbstractEventLoop, pipe: object, data: bytes) -> bytes:
-    transport, protocol = await loop.connect_write_pipe(asyncio.Protocol, pipe)
+    transport, _ = await loop.connect_write_pipe(asyncio.Protocol, pipe)
     try:
         transport.write(data)
     finally:
