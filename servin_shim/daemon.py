@@ -29,6 +29,8 @@ from servin_shim.cri.service import CRIService
 from servin_shim.errors import FailedPrecondition, ServinError
 from servin_shim.images.service import ImageService
 from servin_shim.network.netns import NetworkNamespaces
+from servin_shim.oci.logs import LogRotation
+from servin_shim.oci.monitor_client import MonitorClient
 from servin_shim.oci.reaper import Reaper
 from servin_shim.oci.runtime import OCIRuntime
 from servin_shim.state import Database
@@ -109,8 +111,11 @@ async def serve(settings: Settings) -> int:
         db,
         default_registry=spec.image.default_registry,
         insecure_registries=spec.image.insecure_registries,
-        registry_mirrors={h: m.endpoints for h, m in spec.image.registry_mirrors.items()},
+        registry_mirrors=spec.image.registry_mirrors,
         pull_timeout=spec.image_service.pull_timeout,
+        # NOTE: imageService.progressTimeout is not in the config model yet; until it is, the
+        # image service's default of 60 s applies.
+        progress_timeout=getattr(spec.image_service, "progress_timeout", 60.0),
         parallel_pulls=spec.image_service.parallel_pulls,
         in_use_chain_ids=chain_ids_in_use,
     )
@@ -119,17 +124,24 @@ async def serve(settings: Settings) -> int:
         sandbox_image = spec.pod_sandbox.image_repository
         if spec.pod_sandbox.image_tag:
             sandbox_image += f":{spec.pod_sandbox.image_tag}"
+    monitor = MonitorClient(settings.state_dir, reaper)
     ctx = RuntimeContext(
         paths=Paths(root=settings.root, state=settings.state_dir),
         metadata=metadata,
         reaper=reaper,
+        monitor=monitor,
         netns=NetworkNamespaces(settings.state_dir / "netns", reaper),
         images=images,
         runtimes=runtimes,
         default_handler=default_handler,
         sandbox_image=sandbox_image,
+        config=spec,
+        log_rotation=LogRotation(
+            max_size=spec.container.log_max_size, max_files=spec.container.log_max_files
+        ),
     )
     service = CRIService(ctx)
+    await monitor.connect()
     await recover(service)
 
     server = Server([service])
@@ -164,6 +176,7 @@ async def serve(settings: Settings) -> int:
     # Output that arrives from now on waits in the FIFOs for the next daemon.
     for shim in list(service.containers.shims.values()) + list(service.sandboxes.shims.values()):
         shim.detach()
+    await monitor.close()
     socket_path.unlink(missing_ok=True)
     reaper.uninstall()
     db.close()

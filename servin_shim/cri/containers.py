@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from servin_shim.api.runtime import v1 as cri
-from servin_shim.cri.container_spec import build_container_spec, parse_signal
+from servin_shim.cri import convert
+from servin_shim.cri.container_spec import build_container_spec, ensure_workdir, parse_signal
 from servin_shim.cri.context import RuntimeContext, new_id, now_ns
+from servin_shim.cri.exec import ExecResult, exec_sync
 from servin_shim.errors import FailedPrecondition, InvalidArgument, NotFound
-from servin_shim.oci import rootfs
+from servin_shim.oci import cgroups, rootfs
 from servin_shim.oci import spec as ocispec
+from servin_shim.oci.runtime import OCIRuntimeError
 from servin_shim.oci.shim import ContainerShim
 from servin_shim.state.records import (
     CONTAINER_CREATED,
@@ -35,6 +38,8 @@ log = logging.getLogger(__name__)
 #: Exit code and reason recorded for a container whose start failed, as containerd records them.
 START_ERROR_EXIT_CODE = 128
 START_ERROR_REASON = "StartError"
+#: Exit reason of a container whose cgroup saw an OOM kill; kubelet matches this exact text.
+OOM_KILLED_REASON = "OOMKilled"
 
 class ContainerManager:
     """Creates, starts, stops and removes containers; ``shims`` maps container id to its shim."""
@@ -42,6 +47,8 @@ class ContainerManager:
     def __init__(self, ctx: RuntimeContext) -> None:
         self.ctx = ctx
         self.shims: dict[str, ContainerShim] = {}
+        #: Containers whose cgroup saw an OOM kill, noted between their exit and its record.
+        self._oom_killed: set[str] = set()
 
     # CreateContainer
 
@@ -120,7 +127,23 @@ class ContainerManager:
         rootfs.mount_overlay(
             ctx.images.rootfs_layers(image_id), persistent / "upper", persistent / "work", root
         )
-        spec = build_container_spec(ctx.paths, record, sandbox, config, image_config, root)
+
+        def target_pid(container_id: str) -> int:
+            # A TARGET container joins the pid namespace of a running container of the pod.
+            target = ctx.metadata.get_container(container_id)
+            if target.state != CONTAINER_RUNNING or not target.pid:
+                raise FailedPrecondition(
+                    f"target container {container_id} is {target.state}: the pid namespace "
+                    "target must be running"
+                )
+            return target.pid
+
+        spec = build_container_spec(
+            ctx.paths, record, sandbox, config, image_config, root,
+            settings=ctx.config, target_pid=target_pid,
+        )
+        user = spec["process"]["user"]
+        ensure_workdir(root, spec["process"]["cwd"], user["uid"], user["gid"])
         ocispec.write_spec(bundle, spec)
 
     def _release_bundle(self, container_id: str) -> None:
@@ -154,8 +177,10 @@ class ContainerManager:
                 io_dir=state_dir / "io",
                 log_path=Path(record.log_path) if record.log_path else None,
                 runtime=ctx.runtime(record.runtime_handler),
-                reaper=ctx.reaper,
+                monitor=ctx.monitor,
                 on_exit=lambda code, at: self._exited(container_id, code, at),
+                before_delete=lambda: self._capture_oom(container_id),
+                log_rotation=ctx.log_rotation,
             )
             try:
                 record.pid = await shim.start()
@@ -193,10 +218,29 @@ class ContainerManager:
         record.state = CONTAINER_EXITED
         record.exit_code = code
         record.finished_at = finished_at
-        record.reason = "Completed" if code == 0 else "Error"
+        if container_id in self._oom_killed:
+            # Any OOM kill in the container's cgroup counts, as containerd and CRI-O report it.
+            record.reason = OOM_KILLED_REASON
+        else:
+            record.reason = "Completed" if code == 0 else "Error"
+        self._oom_killed.discard(container_id)
         self.ctx.metadata.save_container(record)
         self.shims.pop(container_id, None)
-        log.info("container exited id=%s exit_code=%d", container_id, code)
+        log.info("container exited id=%s exit_code=%d reason=%s",
+                 container_id, code, record.reason)
+
+    async def _capture_oom(self, container_id: str) -> None:
+        """Note an OOM kill in the container's cgroup before ``runtime delete`` removes it."""
+        bundle = self.ctx.paths.container_state_dir(container_id) / "bundle"
+        try:
+            cgroups_path = ocispec.read_spec(bundle).get("linux", {}).get("cgroupsPath", "")
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read cgroupsPath of container id=%s: %s", container_id, exc)
+            return
+        kills = cgroups.oom_kill_count(cgroups_path)
+        if kills:
+            log.info("container had OOM kills id=%s oom_kills=%d", container_id, kills)
+            self._oom_killed.add(container_id)
 
     # StopContainer and RemoveContainer
 
@@ -212,6 +256,71 @@ class ContainerManager:
             return
         log.info("stopping container id=%s timeout=%ds", record.id, timeout)
         await shim.stop(max(timeout, 0), parse_signal(record.stop_signal))
+
+    # ExecSync and UpdateContainerResources
+
+    async def exec_sync(self, container_id: str, command: list[str], timeout: int) -> ExecResult:
+        """Run ``command`` in a running container; ``timeout`` in seconds, 0 for none."""
+        if not command:
+            raise InvalidArgument("ExecSync needs cmd, the command to run")
+        record = self.resolve(container_id)
+        if record.state != CONTAINER_RUNNING:
+            raise FailedPrecondition(
+                f"container {record.id} is {record.state}: exec needs a running container"
+            )
+        return await exec_sync(
+            self.ctx.runtime(record.runtime_handler),
+            self.ctx.reaper,
+            record.id,
+            command,
+            work_dir=self.ctx.paths.container_state_dir(record.id) / "exec",
+            timeout=max(timeout, 0),
+        )
+
+    async def update_resources(
+        self, container_id: str, resources: cri.LinuxContainerResources | None
+    ) -> None:
+        """Apply new limits to a created or running container and keep them in its record.
+
+        Fields left zero keep their current value. The bundle's config.json is updated too,
+        so a created container starts with the new limits.
+        """
+        if resources is None:
+            log.debug("update without linux resources id=%s, nothing to do", container_id)
+            return
+        ctx = self.ctx
+        record = self.resolve(container_id)
+        async with ctx.lock(record.id):
+            record = ctx.metadata.get_container(record.id)
+            if record.state not in (CONTAINER_CREATED, CONTAINER_RUNNING):
+                raise FailedPrecondition(
+                    f"container {record.id} is {record.state}: only a created or running "
+                    "container can have its resources updated"
+                )
+            oci_resources = cgroups.linux_resources(resources)
+            if record.state == CONTAINER_RUNNING:
+                try:
+                    await ctx.runtime(record.runtime_handler).update(record.id, oci_resources)
+                except OCIRuntimeError as exc:
+                    if ctx.metadata.get_container(record.id).state != CONTAINER_RUNNING:
+                        raise FailedPrecondition(
+                            f"container {record.id} exited during the resource update"
+                        ) from exc
+                    raise
+            bundle = ctx.paths.container_state_dir(record.id) / "bundle"
+            spec = ocispec.read_spec(bundle)
+            spec_resources = spec.setdefault("linux", {}).setdefault("resources", {})
+            for key, value in oci_resources.items():
+                if isinstance(value, dict):
+                    spec_resources.setdefault(key, {}).update(value)
+                else:
+                    spec_resources[key] = value
+            ocispec.write_spec(bundle, spec)
+            merged = cgroups.merge_cri_resources(convert.container_resources(record), resources)
+            record = ctx.metadata.get_container(record.id)
+            record.resources = merged.to_dict()
+            ctx.metadata.save_container(record)
+        log.info("updated container resources id=%s resources=%s", record.id, oci_resources)
 
     async def remove(self, container_id: str) -> None:
         """Remove a container, killing it first if it still runs; unknown ids succeed."""

@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from servin_shim.config.models import Spec
 from servin_shim.errors import InvalidArgument
 from servin_shim.network.netns import NetworkNamespaces
+from servin_shim.oci.logs import LogRotation
+from servin_shim.oci.monitor_client import MonitorClient
 from servin_shim.oci.reaper import Reaper
 from servin_shim.oci.runtime import OCIRuntime
 from servin_shim.state.metadata import MetadataStore
@@ -58,6 +61,7 @@ class RuntimeContext:
     paths: Paths
     metadata: MetadataStore
     reaper: Reaper
+    monitor: MonitorClient
     netns: NetworkNamespaces
     images: ImageService
     runtimes: dict[str, OCIRuntime]
@@ -65,6 +69,10 @@ class RuntimeContext:
     #: The infra image; empty means the built-in catatonit infra with no image.
     sandbox_image: str = ""
     catatonit: str = "/usr/bin/catatonit"
+    #: The ``spec`` section of the daemon configuration: security and resource defaults.
+    config: Spec = field(default_factory=Spec)
+    #: Rotation of container logs by the daemon, from ``container.logMaxSize``/``logMaxFiles``.
+    log_rotation: LogRotation = field(default_factory=LogRotation)
     locks: defaultdict[str, asyncio.Lock] = field(
         default_factory=lambda: defaultdict(asyncio.Lock)
     )

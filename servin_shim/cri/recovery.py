@@ -8,12 +8,16 @@ crash in the middle of a create or remove, and are cleaned up with a log line ea
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from servin_shim.cri.context import now_ns
 from servin_shim.oci import rootfs
+from servin_shim.oci.io import StreamPump
+from servin_shim.oci.logs import CRILogWriter
 from servin_shim.oci.shim import UNKNOWN_EXIT_CODE, ContainerShim
 from servin_shim.state.records import (
     CONTAINER_EXITED,
@@ -47,7 +51,7 @@ async def recover(service: CRIService) -> None:
             volatile = ctx.paths.sandbox_state_dir(record.id)
             shim = ContainerShim(
                 record.id, bundle=volatile / "bundle", io_dir=volatile / "io", log_path=None,
-                runtime=runtime, reaper=ctx.reaper,
+                runtime=runtime, monitor=ctx.monitor,
                 on_exit=lambda code, at, sid=record.id: service.sandboxes._infra_exited(sid, code),
             )
             shim.adopt(state.pid)
@@ -56,6 +60,7 @@ async def recover(service: CRIService) -> None:
         else:
             record.state = SANDBOX_NOTREADY
             ctx.metadata.save_sandbox(record)
+            ctx.monitor.forget(record.id)
             log.warning("pod sandbox infra process is gone, marked not ready id=%s", record.id)
 
     for record in containers.values():
@@ -68,24 +73,44 @@ async def recover(service: CRIService) -> None:
             shim = ContainerShim(
                 record.id, bundle=state_dir / "bundle", io_dir=state_dir / "io",
                 log_path=Path(record.log_path) if record.log_path else None,
-                runtime=runtime, reaper=ctx.reaper,
+                runtime=runtime, monitor=ctx.monitor,
                 on_exit=lambda code, at, cid=record.id: service.containers._exited(cid, code, at),
             )
             shim.adopt(state.pid)
             service.containers.shims[record.id] = shim
             log.info("adopted running container id=%s pid=%d", record.id, state.pid)
             continue
-        # The container exited while no daemon watched it: its exit code is lost.
-        record.state = CONTAINER_EXITED
-        record.exit_code = UNKNOWN_EXIT_CODE
-        record.reason = UNKNOWN_REASON
-        record.finished_at = record.finished_at or now_ns()
-        ctx.metadata.save_container(record)
+        # The container exited while no daemon watched it. What it wrote meanwhile waits in
+        # its FIFOs, and the monitor recorded its exit unless the monitor died too.
+        _drain_output(record.id, ctx.paths.container_state_dir(record.id) / "io",
+                      record.log_path)
+        recorded = ctx.monitor.recorded_exit(record.id)
+        if recorded is not None:
+            await service.containers._exited(record.id, *recorded)
+            ctx.monitor.forget(record.id)
+            log.info("container exited while the daemon was down id=%s exit_code=%d",
+                     record.id, recorded[0])
+        else:
+            record.state = CONTAINER_EXITED
+            record.exit_code = UNKNOWN_EXIT_CODE
+            record.reason = UNKNOWN_REASON
+            record.finished_at = record.finished_at or now_ns()
+            ctx.metadata.save_container(record)
+            log.warning("container exited while the daemon was down and no exit was recorded, "
+                        "exit code unknown id=%s", record.id)
         await runtime.delete(record.id, force=True)
-        log.warning("container exited while the daemon was down, exit code unknown id=%s",
-                    record.id)
 
     await _clean_leftovers(service, set(sandboxes), set(containers))
+
+
+def _drain_output(container_id: str, io_dir: Path, log_path: str) -> None:
+    """Copy the output still buffered in an exited container's FIFOs into its log."""
+    if not (io_dir / "stdout").exists():
+        return
+    writer = CRILogWriter(Path(log_path) if log_path else Path(os.devnull))
+    pump = StreamPump(container_id, io_dir, writer)
+    pump.start(asyncio.get_running_loop())
+    pump.close()
 
 
 async def _clean_leftovers(service: CRIService, sandbox_ids: set[str], container_ids: set[str]) -> None:
@@ -97,6 +122,12 @@ async def _clean_leftovers(service: CRIService, sandbox_ids: set[str], container
                 await runtime.delete(state.id, force=True)
                 log.warning("removed runtime container that no record claims id=%s runtime=%s",
                             state.id, runtime.name)
+    exits = ctx.paths.state / "exits"
+    if exits.exists():
+        for path in exits.iterdir():
+            if path.name not in known and not path.name.startswith("."):
+                ctx.monitor.forget(path.name)
+                log.warning("removed exit record that no container claims id=%s", path.name)
     for name in ctx.netns.list():
         if name not in sandbox_ids:
             ctx.netns.remove(name)

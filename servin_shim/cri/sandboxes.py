@@ -14,11 +14,14 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 from servin_shim.api.runtime import v1 as cri
 from servin_shim.cri.context import RuntimeContext, new_id, now_ns
 from servin_shim.errors import FailedPrecondition, InvalidArgument, NotFound
-from servin_shim.oci import rootfs
+from servin_shim.oci import resources as ociresources
+from servin_shim.oci import rootfs, seccomp
+from servin_shim.oci import security as ocisecurity
 from servin_shim.oci import spec as ocispec
 from servin_shim.oci.shim import ContainerShim
 from servin_shim.state.records import (
@@ -43,12 +46,20 @@ def namespace_modes(config: cri.PodSandboxConfig) -> dict[str, str]:
         options = config.linux.security_context.namespace_options
     if options is None:
         return {"network": "POD", "pid": "CONTAINER", "ipc": "POD", "target_id": ""}
-    return {
+    modes = {
         "network": cri.NamespaceMode(options.network).name,
         "pid": cri.NamespaceMode(options.pid).name,
         "ipc": cri.NamespaceMode(options.ipc).name,
         "target_id": options.target_id,
     }
+    for kind in ("network", "pid", "ipc"):
+        if modes[kind] == "TARGET":
+            # The CRI allows TARGET only for a container's pid namespace, never for a pod.
+            raise InvalidArgument(
+                f"pod sandbox {kind} namespace mode TARGET is invalid: use POD, CONTAINER or "
+                "NODE, and set TARGET on the container's pid namespace instead"
+            )
+    return modes
 
 
 def validate_metadata(config: cri.PodSandboxConfig | None) -> cri.PodSandboxMetadata:
@@ -124,6 +135,14 @@ class SandboxManager:
         host_network = record.namespace_modes["network"] == "NODE"
         host_ipc = record.namespace_modes["ipc"] == "NODE"
         host_pid = record.namespace_modes["pid"] == "NODE"
+        linux = config.linux or cri.LinuxPodSandboxConfig()
+        sysctls = ocisecurity.pod_sysctls(dict(linux.sysctls), record.namespace_modes)
+        # Port mappings stay in the record for the network plugin and PodSandboxStatus.
+        record.extra["port_mappings"] = [
+            {"protocol": cri.Protocol(p.protocol).name, "container_port": p.container_port,
+             "host_port": p.host_port, "host_ip": p.host_ip}
+            for p in config.port_mappings
+        ]
 
         self._write_etc_files(record, config, persistent, host_network)
 
@@ -138,7 +157,9 @@ class SandboxManager:
                              f"mode=1777,size={SHM_SIZE}")
 
         bundle = volatile / "bundle"
-        spec = await self._infra_spec(record, bundle)
+        spec = await self._infra_spec(record, bundle, linux.security_context)
+        if sysctls:
+            spec["linux"]["sysctl"] = sysctls
         if host_pid:
             ocispec.remove_namespace(spec, "pid")
         if host_ipc:
@@ -146,12 +167,11 @@ class SandboxManager:
         if host_network:
             ocispec.remove_namespace(spec, "network")
             ocispec.remove_namespace(spec, "uts")
+            # runc cannot set a hostname without a UTS namespace of its own.
+            spec.pop("hostname", None)
         else:
             ocispec.set_namespace(spec, "network", record.netns_path)
-        if record.cgroup_parent:
-            spec["linux"]["cgroupsPath"] = f"{record.cgroup_parent.rstrip('/')}/{record.id}"
-        else:
-            spec["linux"]["cgroupsPath"] = f"/servin/{record.id}"
+        spec["linux"]["cgroupsPath"] = ociresources.cgroups_path(record.cgroup_parent, record.id)
         spec["annotations"] = {
             "io.kubernetes.cri.container-type": "sandbox",
             "io.kubernetes.cri.sandbox-id": record.id,
@@ -166,7 +186,7 @@ class SandboxManager:
             io_dir=volatile / "io",
             log_path=None,
             runtime=ctx.runtime(record.runtime_handler),
-            reaper=ctx.reaper,
+            monitor=ctx.monitor,
             on_exit=lambda code, at: self._infra_exited(record.id, code),
         )
         record.infra_pid = await shim.start()
@@ -196,7 +216,10 @@ class SandboxManager:
             )
         (directory / "hosts").write_text(hosts)
 
-    async def _infra_spec(self, record: SandboxRecord, bundle: Path) -> dict:
+    async def _infra_spec(
+        self, record: SandboxRecord, bundle: Path,
+        security: cri.LinuxSandboxSecurityContext | None,
+    ) -> dict[str, Any]:
         ctx = self.ctx
         bundle.mkdir(parents=True, exist_ok=True)
         root = bundle / "rootfs"
@@ -231,7 +254,31 @@ class SandboxManager:
         # The infra process only holds namespaces: it needs no capability at all.
         spec["process"]["capabilities"] = {k: [] for k in ("bounding", "effective", "permitted")}
         spec["process"]["noNewPrivileges"] = True
+        if security is not None:
+            self._apply_sandbox_security(spec, record, security)
+        elif ctx.config.security.seccomp:
+            spec["linux"]["seccomp"] = seccomp.default_profile([])
         return spec
+
+    def _apply_sandbox_security(
+        self, spec: dict[str, Any], record: SandboxRecord,
+        security: cri.LinuxSandboxSecurityContext,
+    ) -> None:
+        """Run the infra process as the pod's user, under the pod's seccomp profile."""
+        if security.run_as_user is not None:
+            spec["process"]["user"]["uid"] = security.run_as_user.value
+        if security.run_as_group is not None:
+            spec["process"]["user"]["gid"] = security.run_as_group.value
+        container_context = cri.LinuxContainerSecurityContext(
+            seccomp=security.seccomp, seccomp_profile_path=security.seccomp_profile_path
+        )
+        profile = ocisecurity.seccomp_profile(
+            container_context, [], self.ctx.config.security, privileged=security.privileged
+        )
+        if profile is not None:
+            spec["linux"]["seccomp"] = profile
+        log.debug("pod sandbox security applied id=%s privileged=%s seccomp=%s", record.id,
+                  security.privileged, profile is not None)
 
     async def _infra_exited(self, sandbox_id: str, code: int) -> None:
         # An infra that dies leaves the pod without its namespaces: kubelet must recreate it.

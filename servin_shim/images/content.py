@@ -111,6 +111,13 @@ class BlobWriter:
         self._hash.update(chunk)
         self.written += len(chunk)
 
+    def reset(self) -> None:
+        """Discard what was written, for a download that starts again from byte 0."""
+        self._file.seek(0)
+        self._file.truncate()
+        self._hash = hashlib.sha256()
+        self.written = 0
+
     def commit(self) -> Path:
         """Verify size and digest, then fsync and rename the blob to its final path."""
         if self.written != self.size:

@@ -1,24 +1,31 @@
 """Client of the OCI distribution API: manifest resolution, platform choice and blob download.
 
 One ``RegistryClient`` talks to one registry endpoint for one pull. It speaks plain HTTP to
-loopback addresses, ``localhost`` and configured insecure registries, and HTTPS otherwise. It
-handles 401 challenges with HTTP Basic or the bearer token flow of the distribution spec.
-Credentials go only to the registry endpoint they were given for, and to the token realm that
-endpoint names (only over HTTPS unless the realm is on the same endpoint).
+loopback addresses and ``localhost``. A configured insecure registry gets HTTPS without
+certificate verification, and plain HTTP when the TLS connection fails. Every other host gets
+verified HTTPS. The client answers 401 challenges with HTTP Basic or the bearer token flow of
+the distribution spec (see ``auth.py``). Credentials go only to the registry endpoint they were
+given for, and to the token realm that endpoint names when the realm is HTTPS or loopback.
+
+Blob downloads check size and digest while streaming. Connection resets, 5xx and 429 answers
+are retried with exponential backoff (honouring Retry-After), and a retry resumes the partial
+download with a Range request when the registry supports it.
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
+import email.utils
 import hashlib
 import ipaddress
 import json
 import logging
 import platform
+import random
 import re
 import time
-from collections.abc import Collection
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -32,7 +39,8 @@ from servin_shim.errors import (
     Unauthenticated,
     Unavailable,
 )
-from servin_shim.images.content import ContentStore, digest_hex
+from servin_shim.images.auth import RegistryAuth, TokenCache, TokenRequest, fetch_token
+from servin_shim.images.content import BlobWriter, ContentStore, digest_hex
 from servin_shim.images.reference import Reference
 
 log = logging.getLogger(__name__)
@@ -76,42 +84,13 @@ ACCEPT_MANIFESTS = ", ".join(_ACCEPTED_MANIFEST_TYPES)
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_REDIRECTS = 5
 BLOB_CHUNK_BYTES = 1024 * 1024
-# The distribution token spec says a token without expires_in lives 60 seconds.
-DEFAULT_TOKEN_SECONDS = 60
+# Attempts per request before a transient failure fails the pull, and the backoff bounds.
+MAX_ATTEMPTS = 5
+BACKOFF_FIRST_SECONDS = 0.2
+BACKOFF_MAX_SECONDS = 10.0
+_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
-
-
-@dataclass(frozen=True, repr=False)
-class RegistryAuth:
-    """Credentials for one pull: username and password, or a ready bearer token."""
-
-    username: str = ""
-    password: str = ""
-    registry_token: str = ""
-
-    @classmethod
-    def from_encoded(cls, auth: str) -> RegistryAuth:
-        """Decode the base64 ``username:password`` form (the CRI AuthConfig ``auth`` field)."""
-        try:
-            decoded = base64.b64decode(auth, validate=True).decode()
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidArgument(
-                "invalid registry auth: expected base64 of username:password"
-            ) from exc
-        username, sep, password = decoded.partition(":")
-        if not sep or not username:
-            raise InvalidArgument("invalid registry auth: expected base64 of username:password")
-        return cls(username=username, password=password)
-
-    def fingerprint(self) -> str:
-        """Return a hash that distinguishes credentials without revealing them."""
-        raw = f"{self.username}\0{self.password}\0{self.registry_token}".encode()
-        return hashlib.sha256(raw).hexdigest()[:16]
-
-    def __repr__(self) -> str:
-        # Passwords and tokens must never reach a log line through repr().
-        return f"RegistryAuth(username={self.username!r}, password=***, registry_token=***)"
 
 
 @dataclass(frozen=True)
@@ -164,6 +143,8 @@ class Descriptor:
     digest: str
     size: int
     platform: Platform | None = None
+    # Other locations of the blob; non-distributable (foreign) layers name them.
+    urls: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> Descriptor:
@@ -182,7 +163,12 @@ class Descriptor:
                 str(plat.get("architecture", "")),
                 str(plat.get("variant", "")),
             )
-        return cls(str(data.get("mediaType", "")), digest, size, parsed)
+        urls = data.get("urls")
+        if urls is not None and (
+            not isinstance(urls, list) or not all(isinstance(u, str) for u in urls)
+        ):
+            raise InvalidArgument(f"invalid descriptor in {where}: 'urls' is not a list of strings")
+        return cls(str(data.get("mediaType", "")), digest, size, parsed, tuple(urls or ()))
 
 
 @dataclass
@@ -196,36 +182,23 @@ class ResolvedImage:
     layers: list[Descriptor]
 
 
-@dataclass
-class TokenCache:
-    """Bearer tokens shared between pulls, keyed by realm, service, scope and credentials."""
-
-    tokens: dict[tuple[str, str, str, str], tuple[str, float]] = field(default_factory=dict)
-
-    def get(self, key: tuple[str, str, str, str]) -> str | None:
-        entry = self.tokens.get(key)
-        if entry is None or entry[1] <= time.monotonic():
-            return None
-        return entry[0]
-
-    def put(self, key: tuple[str, str, str, str], token: str, seconds: float) -> None:
-        # Renew a little early so a token does not expire in the middle of a request.
-        self.tokens[key] = (token, time.monotonic() + max(seconds - 10, 1))
-
-
-def is_insecure_host(host: str, insecure_registries: Collection[str] = ()) -> bool:
-    """Return True if ``host`` (with optional port) is spoken to over plain HTTP."""
-    if host in insecure_registries:
-        return True
+def is_loopback_host(host: str) -> bool:
+    """Return True for ``localhost`` and 127.0.0.0/8 or ::1, with or without a port."""
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    if name in insecure_registries:
-        return True
     if name == "localhost":
         return True
     try:
         return ipaddress.ip_address(name.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def is_insecure_host(host: str, insecure_registries: Collection[str] = ()) -> bool:
+    """Return True if ``host`` (with optional port) may be reached without verified TLS."""
+    if host in insecure_registries or is_loopback_host(host):
+        return True
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    return name in insecure_registries
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int]:
@@ -246,10 +219,17 @@ class RegistryClient:
         timeout: float = 60.0,
         transport: httpx.AsyncBaseTransport | None = None,
         platform: Platform | None = None,
+        scheme: str | None = None,
     ) -> None:
+        """Prepare a client for ``host``; ``scheme`` forces http or https (a mirror URL's)."""
         self.host = host
-        scheme = "http" if is_insecure_host(host, insecure_registries) else "https"
+        self.insecure_registries = frozenset(insecure_registries)
+        insecure = is_insecure_host(host, insecure_registries)
+        if scheme is None:
+            scheme = "http" if is_loopback_host(host) else "https"
         self.base_url = httpx.URL(f"{scheme}://{host}")
+        # An insecure registry that refuses TLS is retried once over plain HTTP.
+        self._may_downgrade = scheme == "https" and insecure
         self.auth = auth
         self.platform = platform or host_platform()
         self._tokens = token_cache or TokenCache()
@@ -257,9 +237,12 @@ class RegistryClient:
         if auth is not None and auth.registry_token:
             self._authorization = f"Bearer {auth.registry_token}"
         self._client = httpx.AsyncClient(
+            # The read timeout bounds one stalled read; the image service's progress timeout
+            # bounds the pull as a whole.
             timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
             follow_redirects=False,
             transport=transport,
+            verify=not insecure,
             # Blobs are checked byte for byte, so no transfer encoding may alter them.
             headers={"Accept-Encoding": "identity", "User-Agent": "servin-shim"},
         )
@@ -305,22 +288,16 @@ class RegistryClient:
     async def get_manifest(self, repository: str, reference: str) -> tuple[str, bytes, str]:
         """Return media type, body and sha256 digest of a manifest or index."""
         url = self.base_url.join(f"/v2/{repository}/manifests/{reference}")
-        response = await self._send("GET", url, repository, {"Accept": ACCEPT_MANIFESTS})
-        try:
-            self._check_status(response, f"manifest {repository}:{reference}")
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body.extend(chunk)
-                if len(body) > MAX_MANIFEST_BYTES:
-                    raise InvalidArgument(
-                        f"manifest {repository}:{reference} from {self.host} is larger than "
-                        f"{MAX_MANIFEST_BYTES} bytes"
-                    )
-        finally:
-            await response.aclose()
-        data = bytes(body)
-        header_type = response.headers.get("content-type", "").split(";")[0].strip()
-        document = _parse_json(data, f"manifest {repository}:{reference}")
+        what = f"manifest {repository}:{reference}"
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                data, header_type = await self._get_manifest_once(url, repository, what)
+                break
+            except _TransientError as exc:
+                await self._backoff(attempt, exc, what)
+        document = _parse_json(data, what)
         media_type = str(document.get("mediaType") or header_type)
         if media_type in MEDIA_DOCKER_SCHEMA1 or document.get("schemaVersion") == 1:
             raise InvalidArgument(
@@ -331,6 +308,26 @@ class RegistryClient:
             # Some registries omit mediaType in the body, so the fields present decide.
             media_type = MEDIA_OCI_INDEX if "manifests" in document else MEDIA_OCI_MANIFEST
         return media_type, data, "sha256:" + hashlib.sha256(data).hexdigest()
+
+    async def _get_manifest_once(
+        self, url: httpx.URL, repository: str, what: str
+    ) -> tuple[bytes, str]:
+        response = await self._send("GET", url, repository, {"Accept": ACCEPT_MANIFESTS})
+        try:
+            self._check_status(response, what)
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body.extend(chunk)
+                if len(body) > MAX_MANIFEST_BYTES:
+                    raise InvalidArgument(
+                        f"{what} from {self.host} is larger than {MAX_MANIFEST_BYTES} bytes"
+                    )
+        except httpx.TransportError as exc:
+            raise _TransientError(f"download of {what} from {self.host} failed: {exc!r}") from exc
+        finally:
+            await response.aclose()
+        header_type = response.headers.get("content-type", "").split(";")[0].strip()
+        return bytes(body), header_type
 
     def _choose_platform(self, ref: Reference, index: dict[str, Any]) -> Descriptor:
         entries = index.get("manifests")
@@ -352,36 +349,148 @@ class RegistryClient:
     # --- blobs -----------------------------------------------------------------------------
 
     async def fetch_blob(
-        self, repository: str, descriptor: Descriptor, store: ContentStore
+        self,
+        repository: str,
+        descriptor: Descriptor,
+        store: ContentStore,
+        progress: Callable[[int], None] | None = None,
     ) -> Path:
-        """Download a blob into ``store``, checking size and digest while it arrives."""
-        url = self.base_url.join(f"/v2/{repository}/blobs/{descriptor.digest}")
-        # NOTE: a failed download is not retried or resumed; the whole pull fails.
-        response = await self._send("GET", url, repository, {})
-        try:
-            self._check_status(response, f"blob {descriptor.digest} of {repository}")
-            length = response.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) != descriptor.size:
-                raise FailedPrecondition(
-                    f"blob {descriptor.digest} of {repository} has {length} bytes at "
-                    f"{self.host}, but its manifest says {descriptor.size}"
-                )
-            path = await store.ingest(
-                descriptor.digest, descriptor.size, response.aiter_raw(BLOB_CHUNK_BYTES)
-            )
-        except httpx.TransportError as exc:
-            raise Unavailable(
-                f"download of blob {descriptor.digest} from {self.host} failed: {exc}"
-            ) from exc
-        finally:
-            await response.aclose()
+        """Download a blob into ``store``, checking size and digest while it arrives.
+
+        A descriptor with ``urls`` (a non-distributable layer) is fetched from those URLs
+        first, without credentials, and from the registry when none of them serves it, as
+        containerd does. ``progress`` is called with the size of every received chunk.
+        """
+        with store.writer(descriptor.digest, descriptor.size) as writer:
+            source = await self._fetch_from_urls(descriptor, writer, progress)
+            if source is None:
+                url = self.base_url.join(f"/v2/{repository}/blobs/{descriptor.digest}")
+                await self._download(url, repository, descriptor, writer, progress)
+                source = self.host
+            path = writer.commit()
         log.info(
-            "blob fetched registry=%s digest=%s size=%d",
+            "blob fetched registry=%s source=%s digest=%s size=%d",
             self.host,
+            source,
             descriptor.digest,
             descriptor.size,
         )
         return path
+
+    async def _fetch_from_urls(
+        self,
+        descriptor: Descriptor,
+        writer: BlobWriter,
+        progress: Callable[[int], None] | None,
+    ) -> str | None:
+        for raw in descriptor.urls:
+            url = httpx.URL(raw)
+            if url.scheme not in ("http", "https"):
+                log.info("skipping blob url with unsupported scheme url=%s", raw)
+                continue
+            try:
+                await self._download(url, None, descriptor, writer, progress)
+            except (NotFound, Unavailable, Unauthenticated) as exc:
+                log.warning(
+                    "blob url failed, trying the next source digest=%s url_host=%s error=%s",
+                    descriptor.digest,
+                    url.host,
+                    exc,
+                )
+                writer.reset()
+                continue
+            return str(url.copy_with(query=None))
+        return None
+
+    async def _download(
+        self,
+        url: httpx.URL,
+        repository: str | None,
+        descriptor: Descriptor,
+        writer: BlobWriter,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        """Stream ``url`` into ``writer``, retrying transient failures and resuming with Range."""
+        what = f"blob {descriptor.digest}"
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self._download_once(url, repository, descriptor, writer, progress)
+                return
+            except _TransientError as exc:
+                await self._backoff(attempt, exc, what, resume_at=writer.written)
+
+    async def _download_once(
+        self,
+        url: httpx.URL,
+        repository: str | None,
+        descriptor: Descriptor,
+        writer: BlobWriter,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        headers: dict[str, str] = {}
+        offset = writer.written
+        if 0 < offset < descriptor.size:
+            headers["Range"] = f"bytes={offset}-"
+        what = f"blob {descriptor.digest}" + (f" of {repository}" if repository else "")
+        if repository is None:
+            response = await self._follow("GET", url, headers)
+        else:
+            response = await self._send("GET", url, repository, headers)
+        try:
+            if response.status_code == 206 and offset:
+                _check_content_range(response, offset, descriptor, self.host)
+            else:
+                self._check_status(response, what)
+                if offset:
+                    # The server ignored the Range header and sends the whole blob again.
+                    log.info("registry ignored range, restarting blob digest=%s", descriptor.digest)
+                    writer.reset()
+                length = response.headers.get("content-length")
+                if length is not None and length.isdigit() and int(length) != descriptor.size:
+                    raise FailedPrecondition(
+                        f"{what} has {length} bytes at {self.host}, but its manifest says "
+                        f"{descriptor.size}"
+                    )
+            async for chunk in response.aiter_raw(BLOB_CHUNK_BYTES):
+                writer.write(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+        except httpx.TransportError as exc:
+            raise _TransientError(
+                f"download of {what} from {url.host} failed after {writer.written} of "
+                f"{descriptor.size} bytes: {exc!r}"
+            ) from exc
+        finally:
+            await response.aclose()
+        if writer.written < descriptor.size:
+            raise _TransientError(
+                f"download of {what} from {url.host} ended after {writer.written} of "
+                f"{descriptor.size} bytes"
+            )
+
+    async def _backoff(
+        self, attempt: int, exc: _TransientError, what: str, resume_at: int = 0
+    ) -> None:
+        """Sleep before the next attempt, or raise Unavailable after the last one."""
+        if attempt >= MAX_ATTEMPTS:
+            raise Unavailable(f"{exc}; gave up after {attempt} attempts") from exc
+        delay = min(BACKOFF_FIRST_SECONDS * 2 ** (attempt - 1), BACKOFF_MAX_SECONDS)
+        delay *= random.uniform(0.8, 1.2)
+        if exc.retry_after is not None:
+            delay = min(max(delay, exc.retry_after), BACKOFF_MAX_SECONDS * 6)
+        log.warning(
+            "registry request failed, retrying registry=%s what=%s attempt=%d delay=%.2f "
+            "resume_at=%d error=%s",
+            self.host,
+            what,
+            attempt,
+            delay,
+            resume_at,
+            exc,
+        )
+        await asyncio.sleep(delay)
 
     # --- HTTP, redirects and authentication ------------------------------------------------
 
@@ -395,6 +504,7 @@ class RegistryClient:
         challenge = response.headers.get("www-authenticate", "")
         await response.aclose()
         await self._handle_challenge(challenge, repository)
+        url = url.copy_with(scheme=self.base_url.scheme)
         return await self._follow(method, url, headers)
 
     async def _follow(self, method: str, url: httpx.URL, headers: dict[str, str]) -> httpx.Response:
@@ -408,10 +518,20 @@ class RegistryClient:
             request = self._client.build_request(method, current, headers=request_headers)
             try:
                 response = await self._client.send(request, stream=True)
+            except httpx.ConnectError as exc:
+                # A refused or failed connection is not retried: a host that is down stays
+                # down for seconds, and a mirror list should move on at once.
+                if not self._downgrade(current):
+                    raise Unavailable(
+                        f"could not reach registry {self.host} at "
+                        f"{current.copy_with(query=None)}: {exc!r}"
+                    ) from exc
+                current = current.copy_with(scheme="http")
+                continue
             except httpx.TransportError as exc:
-                raise Unavailable(
-                    f"could not reach registry {self.host} at {current.copy_with(query=None)}: "
-                    f"{exc!r}"
+                raise _TransientError(
+                    f"request to registry {self.host} at {current.copy_with(query=None)} "
+                    f"failed: {exc!r}"
                 ) from exc
             location = response.headers.get("location")
             if response.status_code not in _REDIRECT_CODES or not location:
@@ -420,76 +540,52 @@ class RegistryClient:
             current = current.join(location)
         raise Unavailable(f"registry {self.host} redirected more than {MAX_REDIRECTS} times")
 
+    def _downgrade(self, current: httpx.URL) -> bool:
+        """Switch an insecure registry from HTTPS to HTTP after a failed TLS connection."""
+        if not self._may_downgrade or _origin(current) != _origin(self.base_url):
+            return False
+        self._may_downgrade = False
+        self.base_url = self.base_url.copy_with(scheme="http")
+        log.warning("insecure registry refused HTTPS, using plain HTTP registry=%s", self.host)
+        return True
+
     async def _handle_challenge(self, challenge: str, repository: str) -> None:
         scheme, _, rest = challenge.strip().partition(" ")
         params = {
             m.group(1).lower(): m.group(2) or m.group(3) or ""
             for m in _CHALLENGE_PARAM_RE.finditer(rest)
         }
-        has_credentials = self.auth is not None and bool(self.auth.username)
         if scheme.lower() == "basic":
-            if not has_credentials or self.auth is None:
+            if self.auth is None or not self.auth.username:
                 raise Unauthenticated(
-                    f"registry {self.host} requires credentials for {repository}; "
+                    f"registry {self.host} requires authentication for {repository}; "
                     "pass a username and password with the pull"
                 )
-            raw = f"{self.auth.username}:{self.auth.password}".encode()
-            self._authorization = "Basic " + base64.b64encode(raw).decode()
+            self._authorization = self.auth.basic_header()
             return
         if scheme.lower() != "bearer" or not params.get("realm"):
             raise Unauthenticated(
                 f"registry {self.host} sent an unsupported authentication challenge "
                 f"{scheme or '(empty)'!r} for {repository}"
             )
-        token = await self._fetch_token(params["realm"], params.get("service", ""), repository)
-        self._authorization = f"Bearer {token}"
-
-    async def _fetch_token(self, realm: str, service: str, repository: str) -> str:
-        scope = f"repository:{repository}:pull"
-        identity = self.auth.fingerprint() if self.auth else ""
-        key = (realm, service, scope, identity)
-        cached = self._tokens.get(key)
-        if cached:
-            return cached
-        realm_url = httpx.URL(realm)
-        headers: dict[str, str] = {}
-        if self.auth is not None and self.auth.username:
-            if realm_url.scheme == "https" or _origin(realm_url) == _origin(self.base_url):
-                raw = f"{self.auth.username}:{self.auth.password}".encode()
-                headers["Authorization"] = "Basic " + base64.b64encode(raw).decode()
-            else:
-                log.warning(
-                    "token realm is plain HTTP on another host, requesting an anonymous token "
-                    "registry=%s realm=%s",
-                    self.host,
-                    realm_url.copy_with(query=None),
-                )
-        query = {"scope": scope}
-        if service:
-            query["service"] = service
-        try:
-            response = await self._client.get(realm_url.copy_merge_params(query), headers=headers)
-        except httpx.TransportError as exc:
-            raise Unavailable(f"could not reach token server {realm_url.host}: {exc!r}") from exc
-        if response.status_code in (401, 403):
+        realm = httpx.URL(params["realm"])
+        if realm.scheme not in ("http", "https"):
             raise Unauthenticated(
-                f"token server {realm_url.host} rejected the credentials for {repository} "
-                f"(HTTP {response.status_code})"
+                f"registry {self.host} named a token realm with unsupported scheme {realm.scheme!r}"
             )
-        if response.status_code != 200:
-            raise Unavailable(
-                f"token server {realm_url.host} returned HTTP {response.status_code} "
-                f"for {repository}"
-            )
-        data = _parse_json(response.content, f"token response from {realm_url.host}")
-        token = data.get("token") or data.get("access_token")
-        if not isinstance(token, str) or not token:
-            raise Unauthenticated(f"token server {realm_url.host} returned no token")
-        seconds = data.get("expires_in")
-        if not isinstance(seconds, int | float) or seconds <= 0:
-            seconds = DEFAULT_TOKEN_SECONDS
-        self._tokens.put(key, token, float(seconds))
-        return token
+        # The realm sees the credentials only over HTTPS or on this machine.
+        send_credentials = realm.scheme == "https" or is_insecure_host(
+            realm.netloc.decode(), self.insecure_registries
+        )
+        request = TokenRequest(
+            registry=self.host,
+            realm=realm,
+            service=params.get("service", ""),
+            repository=repository,
+            send_credentials=send_credentials,
+        )
+        token = await fetch_token(self._client, request, self.auth, self._tokens)
+        self._authorization = f"Bearer {token}"
 
     def _check_status(self, response: httpx.Response, what: str) -> None:
         code = response.status_code
@@ -497,18 +593,60 @@ class RegistryClient:
             return
         where = f"{what} at registry {self.host}"
         if code == 401:
-            if self.auth is None or not (self.auth.username or self.auth.registry_token):
-                raise Unauthenticated(f"{where} requires credentials (HTTP 401)")
-            raise Unauthenticated(f"registry {self.host} rejected the credentials for {what}")
+            if self.auth is None or not self.auth.has_credentials:
+                raise Unauthenticated(
+                    f"registry {self.host} requires authentication for {what} (HTTP 401); "
+                    "pass credentials with the pull"
+                )
+            raise Unauthenticated(
+                f"authentication to registry {self.host} failed: the registry rejected the "
+                f"credentials for {what} (HTTP 401); check the username and password"
+            )
         if code == 403:
             raise Unauthenticated(f"access to {where} denied (HTTP 403)")
         if code == 404:
             raise NotFound(f"{where} not found (HTTP 404)")
-        if code == 429:
-            raise Unavailable(f"{where}: too many requests (HTTP 429); retry later")
+        if code in _RETRY_STATUS:
+            raise _TransientError(
+                f"{where} failed with HTTP {code}",
+                retry_after=_retry_after(response.headers.get("retry-after")),
+            )
         if code >= 500:
             raise Unavailable(f"{where}: server error (HTTP {code})")
         raise ServinError(f"{where}: unexpected HTTP status {code}")
+
+
+class _TransientError(Unavailable):
+    """A failure worth retrying: connection reset, truncated body, 5xx or 429."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Parse a Retry-After header: seconds or an HTTP date."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def _check_content_range(
+    response: httpx.Response, offset: int, descriptor: Descriptor, host: str
+) -> None:
+    header = response.headers.get("content-range", "")
+    match = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", header)
+    if not match or int(match.group(1)) != offset:
+        raise FailedPrecondition(
+            f"registry {host} answered a range request for blob {descriptor.digest} from byte "
+            f"{offset} with Content-Range {header!r}"
+        )
 
 
 def _parse_json(data: bytes, what: str) -> dict[str, Any]:

@@ -3,9 +3,10 @@
 It ties the registry client, the content store, the snapshot store and the image records
 together. It speaks plain Python and pydantic types; the CRI layer maps them to protobuf.
 
-Pull pipeline: resolve the reference to a platform manifest and store manifest and config.
-Then start all layer downloads, at most ``parallel_pulls`` at a time across the daemon. Unpack
-the layers bottom first as each download completes, and finally write the image record.
+Pull pipeline: resolve the reference to a platform manifest on the first endpoint that serves
+it (mirrors in order, then the registry unless ``skip_upstream``), and store manifest and
+config. Then start all layer downloads, at most ``parallel_pulls`` at a time across the daemon.
+Unpack the layers bottom first as each download completes, and finally write the image record.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 import time
 import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +30,21 @@ from servin_shim.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ServinError,
     Unauthenticated,
     Unavailable,
 )
+from servin_shim.images.auth import RegistryAuth, TokenCache
 from servin_shim.images.content import ContentStore
-from servin_shim.images.reference import Reference, is_image_id, parse_reference
-from servin_shim.images.registry import (
-    Descriptor,
-    Platform,
-    RegistryAuth,
-    RegistryClient,
-    ResolvedImage,
-    TokenCache,
+from servin_shim.images.progress import PullProgress
+from servin_shim.images.reference import (
+    DOCKER_HUB,
+    DOCKER_HUB_API_HOST,
+    Reference,
+    is_image_id,
+    parse_reference,
 )
+from servin_shim.images.registry import Descriptor, Platform, RegistryClient, ResolvedImage
 from servin_shim.images.store import DIGEST, TAG, ImageRecord, ImageStore
 from servin_shim.images.unpack import SnapshotStore, chain_ids
 from servin_shim.state.db import Database
@@ -51,6 +55,52 @@ log = logging.getLogger(__name__)
 # prefix is only tried after name lookup fails, and only from this length on.
 MIN_ID_PREFIX = 4
 _HEX_RE = re.compile(r"^[a-f0-9]+$")
+# Errors after which the next endpoint is tried. Errors in the request itself (an invalid
+# reference, an unsafe layer) would repeat on every endpoint, so they fail the pull at once.
+_ENDPOINT_ERRORS = (Unavailable, NotFound, Unauthenticated, FailedPrecondition)
+
+
+@dataclass(frozen=True)
+class MirrorSettings:
+    """Mirror endpoints of one registry, tried in order, and whether to skip the registry."""
+
+    endpoints: tuple[str, ...]
+    skip_upstream: bool = False
+
+    @classmethod
+    def coerce(cls, value: Any) -> MirrorSettings:
+        """Accept a list of endpoints or an object with ``endpoints`` and ``skip_upstream``."""
+        if isinstance(value, MirrorSettings):
+            return value
+        if isinstance(value, str):
+            return cls((value,))
+        if hasattr(value, "endpoints"):
+            endpoints = tuple(str(e) for e in value.endpoints)
+            return cls(endpoints, bool(getattr(value, "skip_upstream", False)))
+        return cls(tuple(str(e) for e in value))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One place to pull from: a mirror or the registry itself."""
+
+    host: str
+    scheme: str | None  # None: http for loopback hosts, https otherwise
+    is_mirror: bool
+
+    @classmethod
+    def from_mirror(cls, text: str) -> Endpoint:
+        url = httpx.URL(text if "://" in text else f"//{text}")
+        scheme = url.scheme if url.scheme in ("http", "https") else None
+        return cls(url.netloc.decode(), scheme, True)
+
+
+class _SharedPull:
+    """A pull task and the number of callers waiting for it."""
+
+    def __init__(self, task: asyncio.Task[str]) -> None:
+        self.task = task
+        self.waiters = 0
 
 
 class FsUsage(BaseModel):
@@ -72,20 +122,37 @@ class ImageService:
         *,
         default_registry: str = "docker.io",
         insecure_registries: Collection[str] = (),
-        registry_mirrors: Mapping[str, Sequence[str]] | None = None,
+        registry_mirrors: Mapping[str, Sequence[str] | Any] | None = None,
         pull_timeout: float | None = None,
+        progress_timeout: float = 60.0,
         parallel_pulls: int = 3,
         transport: httpx.AsyncBaseTransport | None = None,
         platform: Platform | None = None,
         in_use_chain_ids: Callable[[], Collection[str]] | None = None,
+        clean_partial: bool = True,
     ) -> None:
+        """Open the image store under ``root``.
+
+        ``registry_mirrors`` maps a registry host to a list of endpoints or to an object with
+        ``endpoints`` and ``skip_upstream`` (the config's RegistryMirror). ``progress_timeout``
+        cancels a pull that received no bytes for that many seconds. ``clean_partial=False``
+        keeps the partial downloads and unpacks of a daemon that may be running, for tools such
+        as ``servin-shim image import``.
+        """
         if parallel_pulls < 1:
             raise InvalidArgument(f"invalid parallel_pulls {parallel_pulls}: must be at least 1")
+        if progress_timeout <= 0:
+            raise InvalidArgument(
+                f"invalid progress_timeout {progress_timeout}: must be a positive number of seconds"
+            )
         self.root = root
         self.default_registry = default_registry
         self.insecure_registries = frozenset(insecure_registries)
-        self.registry_mirrors = {k: list(v) for k, v in (registry_mirrors or {}).items()}
+        self.registry_mirrors = {
+            host: MirrorSettings.coerce(value) for host, value in (registry_mirrors or {}).items()
+        }
         self.pull_timeout = pull_timeout
+        self.progress_timeout = progress_timeout
         self.parallel_pulls = parallel_pulls
         self.content = ContentStore(root)
         self.snapshots = SnapshotStore(root)
@@ -97,93 +164,158 @@ class ImageService:
         self._in_use_chain_ids = in_use_chain_ids
         self._tokens = TokenCache()
         self._download_slots = asyncio.Semaphore(parallel_pulls)
-        self._pulls: dict[tuple[str, str], asyncio.Task[str]] = {}
+        self._pulls: dict[tuple[str, str], _SharedPull] = {}
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._pinned_by_pulls: list[set[str]] = []
-        self.content.clean_ingest()
-        self.snapshots.clean_temp()
+        if clean_partial:
+            self.content.clean_ingest()
+            self.snapshots.clean_temp()
 
     # --- pull ------------------------------------------------------------------------------
 
     async def pull(self, ref: str, auth: RegistryAuth | None = None) -> str:
-        """Pull ``ref`` and return the image id. Concurrent pulls of one reference share work."""
+        """Pull ``ref`` and return the image id. Concurrent pulls of one reference share work.
+
+        Cancelling the call stops the downloads once no other caller waits for the same pull.
+        """
         reference = parse_reference(ref, self.default_registry)
+        auth = self._credentials_for(reference, auth)
         key = (str(reference), auth.fingerprint() if auth else "")
-        task = self._pulls.get(key)
-        if task is None:
-            task = asyncio.create_task(self._pull_with_timeout(reference, auth))
-            self._pulls[key] = task
-            task.add_done_callback(lambda done: self._pull_done(key, done))
+        shared = self._pulls.get(key)
+        if shared is None:
+            shared = _SharedPull(asyncio.create_task(self._pull_with_timeout(reference, auth)))
+            self._pulls[key] = shared
+            shared.task.add_done_callback(lambda done: self._pull_done(key, done))
         else:
             log.info("joining pull in progress ref=%s", reference)
-        # shield: a caller that gives up must not cancel the pull other callers wait for.
-        return await asyncio.shield(task)
+        shared.waiters += 1
+        try:
+            # shield: one caller giving up must not cancel the pull that others wait for.
+            return await asyncio.shield(shared.task)
+        finally:
+            shared.waiters -= 1
+            if shared.waiters == 0 and not shared.task.done():
+                log.info("pull cancelled, no caller waits for it ref=%s", reference)
+                shared.task.cancel()
+
+    def _credentials_for(
+        self, reference: Reference, auth: RegistryAuth | None
+    ) -> RegistryAuth | None:
+        """Drop credentials whose ``server_address`` names another registry."""
+        if auth is None or not auth.server_address:
+            return auth
+        if _registry_host(auth.server_address) in (reference.registry, reference.api_host):
+            return auth
+        log.warning(
+            "credentials are for another registry, pulling anonymously ref=%s server_address=%s",
+            reference,
+            auth.server_address,
+        )
+        return None
 
     def _pull_done(self, key: tuple[str, str], task: asyncio.Task[str]) -> None:
-        if self._pulls.get(key) is task:
+        shared = self._pulls.get(key)
+        if shared is not None and shared.task is task:
             del self._pulls[key]
         if not task.cancelled() and task.exception() is not None:
             log.info("pull failed ref=%s error=%s", key[0], task.exception())
 
     async def _pull_with_timeout(self, reference: Reference, auth: RegistryAuth | None) -> str:
-        started = time.monotonic()
+        progress = PullProgress(str(reference), self.progress_timeout)
+        current = asyncio.current_task()
+        assert current is not None
+        watcher = asyncio.create_task(progress.watch(current))
         try:
             async with asyncio.timeout(self.pull_timeout):
-                image_id = await self._pull_from_endpoints(reference, auth)
+                image_id = await self._pull_from_endpoints(reference, auth, progress)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"pull of {reference} did not finish within {self.pull_timeout} s; "
-                "raise pull_timeout or check the registry"
+                "raise imageService.pullTimeout or check the registry"
             ) from None
-        log.info(
-            "image pulled ref=%s image_id=%s seconds=%.2f",
-            reference,
-            image_id,
-            time.monotonic() - started,
-        )
+        except asyncio.CancelledError:
+            if not progress.stalled:
+                raise
+            current.uncancel()
+            raise DeadlineExceeded(
+                f"pull of {reference} received no data for {self.progress_timeout} s from "
+                f"{progress.endpoint or reference.registry}; check the registry or raise the "
+                "progress timeout"
+            ) from None
+        finally:
+            watcher.cancel()
+        progress.log_line("image pulled")
         return image_id
 
-    def _endpoints(self, reference: Reference) -> list[tuple[str, frozenset[str], bool]]:
-        """Return (host, insecure hosts, is mirror) to try in order: mirrors, then the registry."""
-        endpoints = []
-        for mirror in self.registry_mirrors.get(reference.registry, []):
-            url = httpx.URL(mirror if "://" in mirror else f"https://{mirror}")
-            host = url.netloc.decode()
-            insecure = self.insecure_registries | ({host} if url.scheme == "http" else set())
-            endpoints.append((host, frozenset(insecure), True))
-        endpoints.append((reference.api_host, self.insecure_registries, False))
+    def _endpoints(self, reference: Reference) -> list[Endpoint]:
+        """Return the endpoints to try in order: mirrors, then the registry itself."""
+        mirrors = self.registry_mirrors.get(reference.registry)
+        if mirrors is None:
+            return [Endpoint(reference.api_host, None, False)]
+        endpoints = [Endpoint.from_mirror(text) for text in mirrors.endpoints]
+        if not mirrors.skip_upstream:
+            endpoints.append(Endpoint(reference.api_host, None, False))
         return endpoints
 
-    async def _pull_from_endpoints(self, reference: Reference, auth: RegistryAuth | None) -> str:
+    async def _pull_from_endpoints(
+        self, reference: Reference, auth: RegistryAuth | None, progress: PullProgress
+    ) -> str:
         endpoints = self._endpoints(reference)
-        for host, insecure, is_mirror in endpoints:
+        if not endpoints:
+            raise FailedPrecondition(
+                f"no endpoint to pull {reference} from: the mirrors of {reference.registry} set "
+                "skipUpstream but list no endpoints"
+            )
+        last_error: ServinError | None = None
+        for endpoint in endpoints:
+            progress.endpoint = endpoint.host
             client = RegistryClient(
-                host,
-                insecure_registries=insecure,
+                endpoint.host,
+                insecure_registries=self.insecure_registries,
                 # Credentials belong to the registry they were given for, never to a mirror.
-                auth=None if is_mirror else auth,
+                auth=None if endpoint.is_mirror else auth,
                 token_cache=self._tokens,
+                timeout=self.progress_timeout,
                 transport=self._transport,
                 platform=self._platform,
+                scheme=endpoint.scheme,
             )
             async with client:
                 try:
                     resolved = await client.resolve(reference)
-                except (Unavailable, NotFound, Unauthenticated) as exc:
-                    if not is_mirror:
-                        raise
+                    image_id = await self._fetch_image(client, reference, resolved, progress)
+                except _ENDPOINT_ERRORS as exc:
+                    if endpoint == endpoints[-1]:
+                        if last_error is None:
+                            raise
+                        raise type(exc)(
+                            f"pull of {reference} failed on every endpoint "
+                            f"({', '.join(e.host for e in endpoints)}); last error: {exc}"
+                        ) from exc
+                    last_error = exc
                     log.warning(
-                        "mirror failed, trying next endpoint ref=%s mirror=%s error=%s",
+                        "endpoint failed, trying the next one ref=%s endpoint=%s error=%s",
                         reference,
-                        host,
+                        endpoint.host,
                         exc,
                     )
                     continue
-                return await self._fetch_image(client, reference, resolved)
-        raise AssertionError("unreachable: the registry itself is always the last endpoint")
+            log.info(
+                "image served ref=%s endpoint=%s mirror=%s image_id=%s",
+                reference,
+                endpoint.host,
+                endpoint.is_mirror,
+                image_id,
+            )
+            return image_id
+        raise AssertionError("unreachable: the last endpoint returns or raises")
 
     async def _fetch_image(
-        self, client: RegistryClient, reference: Reference, resolved: ResolvedImage
+        self,
+        client: RegistryClient,
+        reference: Reference,
+        resolved: ResolvedImage,
+        progress: PullProgress,
     ) -> str:
         for digest, body in resolved.documents.items():
             self.content.write_bytes(body, digest)
@@ -191,12 +323,18 @@ class ImageService:
         busy.update(layer.digest for layer in resolved.layers)
         self._pinned_by_pulls.append(busy)
         try:
-            await self._fetch_blob(client, reference.repository, resolved.config)
+            await self._fetch_blob(client, reference.repository, resolved.config, progress)
             config = self.content.read_json(resolved.config.digest)
             diff_ids = _diff_ids(reference, config, len(resolved.layers))
             chains = chain_ids(diff_ids)
             busy.update(chains)
-            await self._fetch_layers(client, reference, resolved.layers, diff_ids, chains)
+            progress.layers_total = len(resolved.layers)
+            progress.bytes_total = sum(
+                layer.size
+                for layer, chain in zip(resolved.layers, chains, strict=True)
+                if not self.snapshots.has(chain) and not self.content.has(layer.digest)
+            )
+            await self._fetch_layers(client, reference, resolved.layers, diff_ids, chains, progress)
         finally:
             self._pinned_by_pulls.remove(busy)
 
@@ -228,10 +366,13 @@ class ImageService:
         layers: list[Descriptor],
         diff_ids: list[str],
         chains: list[str],
+        progress: PullProgress,
     ) -> None:
         """Download layers concurrently and unpack them bottom first as they arrive."""
         downloads = [
-            asyncio.create_task(self._fetch_layer_blob(client, reference.repository, layer, chain))
+            asyncio.create_task(
+                self._fetch_layer_blob(client, reference.repository, layer, chain, progress)
+            )
             for layer, chain in zip(layers, chains, strict=True)
         ]
         try:
@@ -241,29 +382,45 @@ class ImageService:
                 chain = chains[index]
                 async with self._lock(f"snapshot:{chain}"):
                     fs = await self.snapshots.unpack(
-                        chain, self.content.path(layer.digest), diff_ids[index], lowers
+                        chain,
+                        self.content.path(layer.digest),
+                        diff_ids[index],
+                        lowers,
+                        on_entry=progress.touch,
                     )
                 lowers.insert(0, fs)
+                progress.layer_done()
         finally:
             for task in downloads:
                 task.cancel()
             await asyncio.gather(*downloads, return_exceptions=True)
 
     async def _fetch_layer_blob(
-        self, client: RegistryClient, repository: str, layer: Descriptor, chain: str
+        self,
+        client: RegistryClient,
+        repository: str,
+        layer: Descriptor,
+        chain: str,
+        progress: PullProgress,
     ) -> None:
         # A layer whose snapshot exists needs no download at all.
         if self.snapshots.has(chain):
             return
-        await self._fetch_blob(client, repository, layer)
+        await self._fetch_blob(client, repository, layer, progress)
 
-    async def _fetch_blob(self, client: RegistryClient, repository: str, blob: Descriptor) -> None:
+    async def _fetch_blob(
+        self,
+        client: RegistryClient,
+        repository: str,
+        blob: Descriptor,
+        progress: PullProgress,
+    ) -> None:
         async with self._lock(f"blob:{blob.digest}"):
             if self.content.has(blob.digest):
                 log.debug("blob present, skipping download digest=%s", blob.digest)
                 return
             async with self._download_slots:
-                await client.fetch_blob(repository, blob, self.content)
+                await client.fetch_blob(repository, blob, self.content, progress.add_bytes)
 
     def _lock(self, key: str) -> asyncio.Lock:
         lock = self._locks.get(key)
@@ -403,3 +560,12 @@ def _diff_ids(reference: Reference, config: Any, layer_count: int) -> list[str]:
             f"manifest has {layer_count} layers"
         )
     return list(diff_ids)
+
+
+def _registry_host(server_address: str) -> str:
+    """Return the registry host of a credentials' ``server_address`` (a host or a URL)."""
+    url = httpx.URL(server_address if "://" in server_address else f"//{server_address}")
+    host = url.netloc.decode() or server_address
+    if host in ("index.docker.io", DOCKER_HUB_API_HOST):
+        return DOCKER_HUB
+    return host

@@ -19,7 +19,7 @@ import secrets
 import shutil
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -96,11 +96,19 @@ class SnapshotStore:
     def usage(self) -> DiskUsage:
         return tree_usage(self.dir)
 
-    async def unpack(self, chain_id: str, blob: Path, diff_id: str, lowers: list[Path]) -> Path:
+    async def unpack(
+        self,
+        chain_id: str,
+        blob: Path,
+        diff_id: str,
+        lowers: list[Path],
+        on_entry: Callable[[], None] | None = None,
+    ) -> Path:
         """Unpack ``blob`` as the snapshot ``chain_id`` unless present, and return its fs path.
 
         ``lowers`` are the fs directories of the layers below, top first. Hardlinks to files of
         lower layers are copied from there. The caller serializes calls per chain ID.
+        ``on_entry`` is called from the worker thread after each tar entry.
         """
         final = self.path(chain_id)
         if self.has(chain_id):
@@ -108,7 +116,7 @@ class SnapshotStore:
         temp = self.dir / f"tmp-{final.name}-{secrets.token_hex(4)}"
         (temp / "fs").mkdir(parents=True)
         try:
-            actual = await asyncio.to_thread(apply_layer, blob, temp / "fs", lowers)
+            actual = await asyncio.to_thread(apply_layer, blob, temp / "fs", lowers, on_entry)
             if actual != diff_id:
                 raise FailedPrecondition(
                     f"layer diff ID mismatch for blob {blob.name}: the image config says "
@@ -157,7 +165,12 @@ def _open_decompressed(raw: IO[bytes]) -> IO[bytes]:
     return raw
 
 
-def apply_layer(blob: Path, dest: Path, lowers: list[Path]) -> str:
+def apply_layer(
+    blob: Path,
+    dest: Path,
+    lowers: list[Path],
+    on_entry: Callable[[], None] | None = None,
+) -> str:
     """Unpack the layer tar in ``blob`` into the empty directory ``dest`` and return its diff ID."""
     with open(blob, "rb") as raw, _open_decompressed(raw) as stream:
         reader = _HashingReader(stream)
@@ -168,6 +181,8 @@ def apply_layer(blob: Path, dest: Path, lowers: list[Path]) -> str:
                 applier = _LayerApplier(dest, lowers)
                 for member in archive:
                     applier.apply(archive, member)
+                    if on_entry is not None:
+                        on_entry()
                 applier.finish()
             reader.drain()
         except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as exc:

@@ -37,14 +37,6 @@ def create_fifos(io_dir: Path) -> None:
             os.mkfifo(path, 0o600)
 
 
-def open_writer_fds(io_dir: Path) -> dict[str, int]:
-    """Open the blocking ends to hand to the runtime as the container's stdout and stderr.
-
-    They are read-write (see the module docstring); the caller closes its copies after create.
-    """
-    return {name: os.open(io_dir / name, os.O_RDWR | os.O_CLOEXEC) for name in STREAMS}
-
-
 class StreamPump:
     """Copies a container's stdout and stderr FIFOs into its CRI log file."""
 

@@ -72,48 +72,22 @@ class OCIRuntime:
             raise OCIRuntimeError(f"{self.name} {args[0]} failed: {message}")
         return result.stdout
 
-    async def create(
-        self,
-        container_id: str,
-        bundle: Path,
-        *,
-        pid_file: Path,
-        stdout_fd: int,
-        stderr_fd: int,
-        stdin_fd: int | None = None,
-    ) -> int:
-        """Run ``create``: the container's init process exists and waits for ``start``.
+    def create_argv(self, container_id: str, bundle: Path, *, pid_file: Path) -> list[str]:
+        """Return the ``create`` command line; the exit monitor runs it (see oci/monitor.py).
 
-        The given fds become the container's stdio, so they are passed straight through and
-        errors are read from the runtime's log. Returns the init pid.
+        The container's stdio is the command's stdio, so errors are read from the runtime's
+        log file in the bundle afterwards (``create_error``).
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        log_file = bundle / "runtime.log"
-        argv = self._argv(
+        return self._argv(
             "create", "--bundle", str(bundle), "--pid-file", str(pid_file), container_id,
-            log_file=log_file,
+            log_file=bundle / "runtime.log",
         )
-        proc = self._reaper.spawn(
-            argv,
-            stdin=subprocess.DEVNULL if stdin_fd is None else stdin_fd,
-            stdout=stdout_fd,
-            stderr=stderr_fd,
-        )
-        try:
-            code = await asyncio.wait_for(self._reaper.wait(proc.pid), COMMAND_TIMEOUT)
-        except TimeoutError:
-            os.kill(proc.pid, signal.SIGKILL)
-            raise OCIRuntimeError(
-                f"{self.name} create of container {container_id} timed out after "
-                f"{COMMAND_TIMEOUT:.0f}s"
-            ) from None
-        proc.returncode = code
-        if code != 0:
-            raise OCIRuntimeError(
-                f"{self.name} create of container {container_id} failed: "
-                f"{_last_log_error(log_file) or f'exit code {code}'}"
-            )
-        return int(pid_file.read_text().strip())
+
+    def create_error(self, container_id: str, bundle: Path, code: int) -> OCIRuntimeError:
+        """Build the error for a failed ``create`` from the runtime's log."""
+        message = _last_log_error(bundle / "runtime.log") or f"exit code {code}"
+        return OCIRuntimeError(f"{self.name} create of container {container_id} failed: {message}")
 
     async def start(self, container_id: str, *, bundle: Path) -> None:
         await self._run("start", container_id, log_file=bundle / "runtime.log")
@@ -169,6 +143,34 @@ class OCIRuntime:
     async def version(self) -> str:
         out = await self._run("--version")
         return out.decode().splitlines()[0] if out else ""
+
+    def exec(
+        self,
+        container_id: str,
+        command: list[str],
+        *,
+        pid_file: Path,
+        log_file: Path,
+        stdout: int,
+        stderr: int,
+    ) -> subprocess.Popen[bytes]:
+        """Spawn ``exec`` of ``command`` in a running container; the caller reaps the process.
+
+        The new process takes the container's process spec (env, user, cwd, capabilities) with
+        its args replaced, and writes straight into ``stdout`` and ``stderr``. ``exec`` exits
+        with the process's exit code, or 128 + signal number, once the process exits. Its own
+        errors go to ``log_file`` (read them with ``last_error``), and the process's host pid
+        to ``pid_file``.
+        """
+        argv = self._argv(
+            "exec", "--pid-file", str(pid_file), container_id, *command, log_file=log_file
+        )
+        return self._reaper.spawn(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+
+    @staticmethod
+    def last_error(log_file: Path) -> str:
+        """Return the last error the runtime wrote to its JSON log, or an empty string."""
+        return _last_log_error(log_file)
 
     async def update(self, container_id: str, resources: dict[str, Any]) -> None:
         """Apply new resource limits (an OCI ``linux.resources`` object) to a live container."""

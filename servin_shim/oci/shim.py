@@ -1,8 +1,9 @@
 """The per-container shim: a coroutine that owns one container's process, output and exit.
 
-It opens the stdio FIFOs before the runtime starts the container, pumps them into the CRI log
-file, waits for the init process to exit through the reaper, drains the last output, deletes the
-runtime's state and reports the exit code and time to its owner.
+It opens the stdio FIFOs before the runtime starts the container, has the exit monitor run
+``runtime create`` (so the container's exit is recorded even while no daemon runs), pumps the
+FIFOs into the CRI log file, waits for the exit, drains the last output, deletes the runtime's
+state and reports the exit code and time to its owner.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from servin_shim.errors import NotFound
-from servin_shim.oci.io import StreamPump, create_fifos, open_writer_fds
-from servin_shim.oci.logs import CRILogWriter
-from servin_shim.oci.reaper import Reaper
+from servin_shim.oci.io import StreamPump, create_fifos
+from servin_shim.oci.logs import CRILogWriter, LogRotation
+from servin_shim.oci.monitor_client import MonitorClient
 from servin_shim.oci.runtime import OCIRuntime
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,12 @@ log = logging.getLogger(__name__)
 #: Exit code reported when the real one is unknowable, the value containerd uses.
 UNKNOWN_EXIT_CODE = 255
 
+#: How long an adopted container's exit may wait for the monitor's record before its exit code
+#: is reported as unknown. CRI-O waits about 5 s for conmon's exit file for the same reason.
+ADOPTED_EXIT_GRACE = 3.0
+
 ExitCallback = Callable[[int, int], Awaitable[None]]
+BeforeDeleteCallback = Callable[[], Awaitable[None]]
 
 
 class ContainerShim:
@@ -41,8 +47,10 @@ class ContainerShim:
         io_dir: Path,
         log_path: Path | None,
         runtime: OCIRuntime,
-        reaper: Reaper,
+        monitor: MonitorClient,
         on_exit: ExitCallback,
+        before_delete: BeforeDeleteCallback | None = None,
+        log_rotation: LogRotation | None = None,
     ) -> None:
         self.id = container_id
         self.bundle = bundle
@@ -50,10 +58,16 @@ class ContainerShim:
         self.log_path = log_path
         self.runtime = runtime
         self.pid = 0
-        self._reaper = reaper
+        self._monitor = monitor
         self._on_exit = on_exit
+        # Runs after the exit and before ``runtime delete`` removes the cgroup, whose OOM
+        # counters tell an OOM kill from other exits.
+        self._before_delete = before_delete
+        self._log_rotation = log_rotation
+        self._stop_task: asyncio.Task[None] | None = None
+        self._stop_deadline = 0.0
         self._pump: StreamPump | None = None
-        self._exited: asyncio.Future[int] | None = None
+        self._exited: asyncio.Future[tuple[int, int]] | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
@@ -62,22 +76,22 @@ class ContainerShim:
         create_fifos(self.io_dir)
         self._pump = StreamPump(self.id, self.io_dir, self._log_writer())
         self._pump.start(loop)
-        writers = open_writer_fds(self.io_dir)
+        pid_file = self.bundle / "init.pid"
         try:
-            self.pid = await self.runtime.create(
+            code, self.pid = await self._monitor.create(
                 self.id,
-                self.bundle,
-                pid_file=self.bundle / "init.pid",
-                stdout_fd=writers["stdout"],
-                stderr_fd=writers["stderr"],
+                self.runtime.create_argv(self.id, self.bundle, pid_file=pid_file),
+                stdout=self.io_dir / "stdout",
+                stderr=self.io_dir / "stderr",
+                pid_file=pid_file,
             )
+            if code != 0 or not self.pid:
+                raise self.runtime.create_error(self.id, self.bundle, code)
         except BaseException:
             self._pump.close()
+            self._pump = None
             raise
-        finally:
-            for fd in writers.values():
-                os.close(fd)
-        self._exited = self._reaper.wait(self.pid)
+        self._exited = self._monitor.wait_exit(self.id)
         self._task = loop.create_task(self._watch(), name=f"shim-{self.id[:12]}")
         try:
             await self.runtime.start(self.id, bundle=self.bundle)
@@ -90,39 +104,54 @@ class ContainerShim:
     def adopt(self, pid: int) -> None:
         """Take over a container that an earlier daemon started and that still runs.
 
-        That container's init is no child of ours, so its exit is seen through a pidfd and its
-        exit code cannot be known.
+        The monitor reports its exit. Should the monitor have died, the container's exit is
+        still seen through a pidfd, and after a short wait for a late exit file its exit code
+        is unknown.
         """
         loop = asyncio.get_running_loop()
         self.pid = pid
         create_fifos(self.io_dir)
         self._pump = StreamPump(self.id, self.io_dir, self._log_writer())
         self._pump.start(loop)
-        self._exited = loop.create_future()
+        self._exited = self._monitor.wait_exit(self.id)
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
-            self._exited.set_result(UNKNOWN_EXIT_CODE)
-        else:
-            def on_pidfd_readable() -> None:
-                loop.remove_reader(pidfd)
-                os.close(pidfd)
-                if self._exited is not None and not self._exited.done():
-                    self._exited.set_result(UNKNOWN_EXIT_CODE)
+            pidfd = -1
+        exited = self._exited
 
+        async def unknown_exit_after_grace() -> None:
+            await asyncio.sleep(ADOPTED_EXIT_GRACE)
+            if not exited.done():
+                exited.set_result((UNKNOWN_EXIT_CODE, time.time_ns()))
+
+        def on_pidfd_readable() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            loop.create_task(unknown_exit_after_grace())
+
+        if pidfd >= 0:
             loop.add_reader(pidfd, on_pidfd_readable)
+        else:
+            loop.create_task(unknown_exit_after_grace())
         self._task = loop.create_task(self._watch(), name=f"shim-{self.id[:12]}")
 
     def _log_writer(self) -> CRILogWriter:
         # A container without a log path still has its output drained, into /dev/null.
-        return CRILogWriter(self.log_path if self.log_path else Path(os.devnull))
+        if self.log_path is None:
+            return CRILogWriter(Path(os.devnull))
+        return CRILogWriter(self.log_path, rotation=self._log_rotation)
 
     async def _watch(self) -> None:
         assert self._exited is not None
-        code = await self._exited
-        finished = time.time_ns()
+        code, finished = await self._exited
         if self._pump is not None:
             self._pump.close()
+        if self._before_delete is not None:
+            try:
+                await self._before_delete()
+            except Exception:
+                log.exception("before-delete hook failed for container id=%s", self.id)
         try:
             await self.runtime.delete(self.id, force=True)
         except Exception as exc:
@@ -133,6 +162,8 @@ class ContainerShim:
             await self._on_exit(code, finished)
         except Exception:
             log.exception("failed to record exit of container id=%s", self.id)
+        else:
+            self._monitor.forget(self.id)
 
     @property
     def running(self) -> bool:
@@ -160,12 +191,32 @@ class ContainerShim:
                 os.kill(self.pid, sig)
 
     async def stop(self, timeout: float, stop_signal: int = signal.SIGTERM) -> None:
-        """Send ``stop_signal``, wait ``timeout`` seconds, then SIGKILL and wait for the exit."""
-        if timeout > 0:
+        """Send ``stop_signal``, wait ``timeout`` seconds, then SIGKILL and wait for the exit.
+
+        A timeout of 0 sends SIGKILL at once. A stop that arrives while another one waits
+        sends no second signal and never moves the SIGKILL earlier: the kill happens at the
+        latest deadline that any stop asked for.
+        """
+        deadline = time.monotonic() + max(timeout, 0)
+        if self._stop_task is None or self._stop_task.done():
+            self._stop_deadline = deadline
+            self._stop_task = asyncio.get_running_loop().create_task(
+                self._stop(timeout > 0, stop_signal), name=f"stop-{self.id[:12]}"
+            )
+        else:
+            self._stop_deadline = max(self._stop_deadline, deadline)
+            log.debug("container is already stopping id=%s, waiting until the kill deadline",
+                      self.id)
+        await asyncio.shield(self._stop_task)
+
+    async def _stop(self, graceful: bool, stop_signal: int) -> None:
+        if graceful:
             await self.kill(stop_signal)
-            if await self.wait(timeout):
-                return
-            log.info("container did not stop within %ss, killing it id=%s", timeout, self.id)
+            # The deadline may move later while waiting, when another stop asks for more time.
+            while (remaining := self._stop_deadline - time.monotonic()) > 0:
+                if await self.wait(remaining):
+                    return
+            log.info("container did not stop before its deadline, killing it id=%s", self.id)
         await self.kill(signal.SIGKILL)
         await self.wait()
 
@@ -182,5 +233,6 @@ class ContainerShim:
             self._pump = None
 
     def reopen_log(self) -> None:
+        """Start a new log file at the log path, after kubelet renamed the current one."""
         if self._pump is not None:
             self._pump.writer.reopen()

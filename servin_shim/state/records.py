@@ -76,6 +76,9 @@ class ContainerRecord(BaseModel):
     pid: int = 0
     runtime_handler: str = ""
     stop_signal: str = ""
+    #: CRI LinuxContainerResources in proto JSON form as UpdateContainerResources last left
+    #: them; empty means the resources of the ContainerConfig.
+    resources: dict[str, Any] = Field(default_factory=dict)
     #: The ContainerConfig exactly as kubelet sent it, encoded, for verbose status.
     config_b64: str = ""
     extra: dict[str, Any] = Field(default_factory=dict)

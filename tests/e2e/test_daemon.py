@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import socket
 import stat
@@ -61,37 +63,77 @@ async def test_restart_keeps_containers_and_their_output(busybox_ref: str) -> No
             cri.RunPodSandboxRequest(config=pod))).pod_sandbox_id
         counter = container_config(
             busybox_ref, "counter", log_path="counter.log",
-            command=["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i; sleep 0.05; done"],
+            command=["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i; sleep 0.02; done"],
         )
-        container_id = await run_container(server.runtime, sandbox_id, pod, counter)
-        running = await wait_for_state(server.runtime, container_id,
-                                       cri.ContainerState.CONTAINER_RUNNING)
-        pid = int(__import__("json").loads((await server.runtime.container_status(
-            cri.ContainerStatusRequest(container_id=container_id, verbose=True))).info["info"])["pid"])
+        exiter = container_config(busybox_ref, "exiter", log_path="exiter.log",
+                                  command=["sh", "-c", "sleep 1; echo bye; exit 7"])
+        counter_id = await run_container(server.runtime, sandbox_id, pod, counter)
+        exiter_id = await run_container(server.runtime, sandbox_id, pod, exiter)
+        await wait_for_state(server.runtime, counter_id, cri.ContainerState.CONTAINER_RUNNING)
+        info = (await server.runtime.container_status(
+            cri.ContainerStatusRequest(container_id=counter_id, verbose=True))).info["info"]
+        pid = json.loads(info)["pid"]
 
-        assert server.stop(signal.SIGTERM) == 0
-        assert process_alive(pid)
-        # The container keeps writing while no daemon reads its output.
+        # A crash: the daemon gets no chance to detach its shims.
+        server.stop(signal.SIGKILL)
         lines_while_down = len((server.logs / "counter.log").read_text().splitlines())
-        await __import__("asyncio").sleep(1.0)
+        await asyncio.sleep(2.0)
+        assert process_alive(pid)
 
         server.start()
         listed = await server.runtime.list_containers(cri.ListContainersRequest())
         sandboxes = await server.runtime.list_pod_sandbox(cri.ListPodSandboxRequest())
+        exited = await server.runtime.container_status(
+            cri.ContainerStatusRequest(container_id=exiter_id))
         await server.runtime.stop_container(
-            cri.StopContainerRequest(container_id=container_id, timeout=0))
-        await wait_for_state(server.runtime, container_id, cri.ContainerState.CONTAINER_EXITED)
+            cri.StopContainerRequest(container_id=counter_id, timeout=0))
+        stopped = await wait_for_state(server.runtime, counter_id,
+                                       cri.ContainerState.CONTAINER_EXITED)
 
-        assert [(c.id, c.state) for c in listed.containers] == [
-            (container_id, cri.ContainerState.CONTAINER_RUNNING)]
+        states = {c.id: c.state for c in listed.containers}
+        assert states[counter_id] == cri.ContainerState.CONTAINER_RUNNING
+        assert states[exiter_id] == cri.ContainerState.CONTAINER_EXITED
         assert [(s.id, s.state) for s in sandboxes.items] == [
             (sandbox_id, cri.PodSandboxState.SANDBOX_READY)]
-        assert running.started_at > 0
+        assert exited.status is not None
+        assert exited.status.exit_code == 7
+        assert exited.status.reason == "Error"
+        assert stopped.exit_code == 128 + 9
         numbers = [int(line.split()[-1]) for line in
                    (server.logs / "counter.log").read_text().splitlines()]
         assert len(numbers) > lines_while_down
         assert numbers == list(range(1, len(numbers) + 1))
+        assert (server.logs / "exiter.log").read_text().rstrip().endswith("stdout F bye")
         assert not process_alive(pid)
+    finally:
+        server.cleanup()
+
+
+async def test_graceful_stop_leaves_containers_running(busybox_ref: str) -> None:
+    server = Daemon()
+    try:
+        server.start()
+        await server.images.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_ref)))
+        pod = sandbox_config("graceful", log_directory=server.logs)
+        sandbox_id = (await server.runtime.run_pod_sandbox(
+            cri.RunPodSandboxRequest(config=pod))).pod_sandbox_id
+        sleeper = container_config(busybox_ref, "sleeper", command=["sleep", "1000"])
+        container_id = await run_container(server.runtime, sandbox_id, pod, sleeper)
+        info = (await server.runtime.container_status(
+            cri.ContainerStatusRequest(container_id=container_id, verbose=True))).info["info"]
+        pid = json.loads(info)["pid"]
+
+        returncode = server.stop(signal.SIGTERM)
+        alive_after_stop = process_alive(pid)
+        server.start()
+        status = await server.runtime.container_status(
+            cri.ContainerStatusRequest(container_id=container_id))
+
+        assert returncode == 0
+        assert alive_after_stop
+        assert status.status is not None
+        assert status.status.state == cri.ContainerState.CONTAINER_RUNNING
+        assert "adopted running container" in server.log_text()
     finally:
         server.cleanup()
 

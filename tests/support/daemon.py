@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -135,10 +136,25 @@ class Daemon:
             for item in json.loads(out or b"null") or []:
                 subprocess.run([handler, "--root", str(root), "delete", "--force", item["id"]],
                                capture_output=True, check=False)
+        self.kill_monitor()
         for point in mounts_under(self.workdir):
             subprocess.run(["umount", "-l", point], capture_output=True, check=False)
         with contextlib.suppress(OSError):
             subprocess.run(["rm", "-rf", "--one-file-system", str(self.workdir)], check=False)
+
+    def monitor_pid(self) -> int | None:
+        """Return the pid of the exit monitor this daemon started, if it still runs."""
+        try:
+            pid = int((self.state / "monitor.pid").read_text())
+        except (OSError, ValueError):
+            return None
+        return pid if process_alive(pid) else None
+
+    def kill_monitor(self) -> None:
+        pid = self.monitor_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def __enter__(self) -> Daemon:
         return self.start()
