@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sqlite3
 import socket
 import stat
 import subprocess
@@ -157,5 +158,30 @@ async def test_metadata_survives_daemon_kill(busybox_ref: str) -> None:
         assert status.status is not None
         assert status.status.state == cri.PodSandboxState.SANDBOX_READY
         assert status.status.labels == {"app": "persist"}
+    finally:
+        server.cleanup()
+
+
+async def test_restart_cleans_unclaimed_leftovers(busybox_ref: str) -> None:
+    server = Daemon()
+    try:
+        server.start()
+        pod = sandbox_config("orphan")
+        sandbox_id = (await server.runtime.run_pod_sandbox(
+            cri.RunPodSandboxRequest(config=pod))).pod_sandbox_id
+        server.stop(signal.SIGKILL)
+        # A crash between the side effects and the commit leaves them without a record.
+        with sqlite3.connect(server.root / "servin.db") as db:
+            db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+
+        server.start()
+
+        assert server.runc_containers() == []
+        assert server.mounts() == []
+        assert not (server.state / "netns" / sandbox_id).exists()
+        assert not (server.state / "sandboxes" / sandbox_id).exists()
+        log_text = server.log_text()
+        assert f"removed runtime container that no record claims id={sandbox_id}" in log_text
+        assert f"removed network namespace that no sandbox claims id={sandbox_id}" in log_text
     finally:
         server.cleanup()
