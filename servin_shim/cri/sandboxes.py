@@ -230,6 +230,10 @@ class SandboxManager:
                 image = ctx.images.status(ctx.sandbox_image)
             if image is None:
                 raise NotFound(f"sandbox image {ctx.sandbox_image!r} not found after pull")
+            if not image.pinned:
+                # kubelet's image garbage collection skips pinned images, as for containerd's
+                # sandbox image.
+                ctx.images.pin(image.id)
             upper = ctx.paths.sandbox_dir(record.id) / "upper"
             rootfs.mount_overlay(
                 ctx.images.rootfs_layers(image.id), upper,
