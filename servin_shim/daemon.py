@@ -43,7 +43,7 @@ SHUTDOWN_GRACE = 10.0
 
 
 def check_socket(path: Path) -> None:
-    """Remove a stale socket file; refuse to start if a live daemon answers on it."""
+    """Remove a stale socket file; raise FailedPrecondition if a live daemon accepts on it."""
     if not path.exists() and not path.is_symlink():
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -1,7 +1,7 @@
 """The exit monitor: one small process that outlives the daemon and records container exits.
 
 A daemon that is the only parent of its containers cannot learn the exit code of a container
-that exits while the daemon is down: the kernel hands the status to whoever is the parent then.
+that exits while the daemon is down: the kernel reports the status to the parent of that moment.
 So the daemon asks this process to run ``runc create``. The monitor is a child subreaper, so
 when ``runc create`` exits the container's init process becomes the monitor's child, and the
 monitor collects its exit status, writes it to ``<state>/exits/<container id>`` and tells the
@@ -87,11 +87,11 @@ class Monitor:
         self.watched: dict[int, str] = {}
         #: runc create pid -> (client, container id, pid file) waiting for its reply.
         self.creating: dict[int, tuple[socket.socket | None, str, str]] = {}
-        #: Exit statuses of pids nobody registered yet: an init that exits before its pid file
-        #: was read.
+        #: Exit statuses of pids not registered yet, such as an init that exits before its pid
+        #: file was read.
         self.unclaimed: dict[int, tuple[int, int]] = {}
         #: container id -> FIFO fds held open until the daemon releases the container.
-        self.held: dict[str, list[int]] = {}
+        self.held_fifos: dict[str, list[int]] = {}
         self.idle_since = time.monotonic()
 
     def run(self) -> None:
@@ -131,7 +131,7 @@ class Monitor:
                 else:
                     self._read_client(key.fileobj)  # type: ignore[arg-type]
             self._reap()
-            if self.clients or self.watched or self.creating or self.held:
+            if self.clients or self.watched or self.creating or self.held_fifos:
                 self.idle_since = time.monotonic()
             elif time.monotonic() - self.idle_since > IDLE_EXIT_SECONDS:
                 break
@@ -169,15 +169,15 @@ class Monitor:
 
     def _hold(self, container_id: str, message: dict) -> None:  # type: ignore[type-arg]
         self._release(container_id)
-        held = []
+        fds = []
         for stream in ("stdout", "stderr"):
             path = message.get(stream)
             if path:
-                held.append(os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
-        self.held[container_id] = held
+                fds.append(os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
+        self.held_fifos[container_id] = fds
 
     def _release(self, container_id: str) -> None:
-        for fd in self.held.pop(container_id, []):
+        for fd in self.held_fifos.pop(container_id, []):
             os.close(fd)
 
     def _create(self, conn: socket.socket, message: dict) -> None:  # type: ignore[type-arg]

@@ -1,6 +1,6 @@
 """The daemon's side of the exit monitor (see oci/monitor.py).
 
-The client starts the monitor when no monitor answers on its socket, asks it to run
+The client starts the monitor when nothing accepts connections on its socket, asks it to run
 ``runc create`` for each container, and turns its exit messages and exit files into futures.
 """
 

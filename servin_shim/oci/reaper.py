@@ -6,9 +6,9 @@ status. That requires one owner of ``waitpid``: a ``waitpid(-1)`` loop would ste
 that asyncio's own child watcher waits for, so servin-shim never uses
 ``asyncio.create_subprocess_exec`` and spawns every process through ``Reaper.spawn``.
 
-Exit statuses that arrive before anyone waits for the pid (a container that exits before
-``runc create`` has even returned its pid) are kept for a while as unclaimed, the same race that
-containerd's shim handles when it subscribes to exits before starting a process.
+Exit statuses that arrive before anyone waits for the pid are kept for a while as unclaimed.
+A container can exit before ``runc create`` has even returned its pid, the same race that
+containerd's shim handles by subscribing to exits before it starts a process.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 PR_SET_CHILD_SUBREAPER = 36
 
-#: Exit statuses nobody has asked for are kept this long (seconds), then dropped: orphans of
-#: ``runc exec`` background processes are reaped here too and nobody will ever ask for them.
+#: Seconds an unclaimed exit status is kept. Orphans of ``runc exec`` background processes are
+#: reaped here too, and no caller ever waits for them, so they must expire.
 UNCLAIMED_TTL = 300.0
 
 
@@ -49,7 +49,7 @@ class CompletedProcess:
 
 
 class Reaper:
-    """Reaps every child of the daemon and hands exit codes to whoever waits for the pid."""
+    """The owner of ``waitpid`` in the daemon: it reaps every child and resolves exit futures."""
 
     def __init__(self) -> None:
         self._waiters: dict[int, list[asyncio.Future[int]]] = {}
