@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from servin_shim import CRI_API_VERSION, RUNTIME_NAME, __version__
+from servin_shim.cli.image import app as image_app
 from servin_shim.cli.logging import configure_logging
 from servin_shim.config import (
     ConfigError,
@@ -94,6 +95,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the daemon configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(image_app, name="image")
 
 
 def _merge_flags(ctx: typer.Context, **given: Any) -> dict[str, Any]:

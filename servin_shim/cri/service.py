@@ -27,7 +27,7 @@ from servin_shim.cri.containers import ContainerManager
 from servin_shim.cri.context import RuntimeContext
 from servin_shim.cri.errors import as_grpc_status
 from servin_shim.cri.sandboxes import SandboxManager
-from servin_shim.errors import InvalidArgument, NotFound, Unimplemented
+from servin_shim.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from servin_shim.images.registry import RegistryAuth
 
 log = logging.getLogger("servin_shim.cri")
@@ -301,12 +301,33 @@ class CRIService:
     async def reopen_container_log(
         self, request: cri.ReopenContainerLogRequest, api: str
     ) -> cri.ReopenContainerLogResponse:
+        _require(request.container_id, "container_id")
         record = self.containers.resolve(request.container_id)
         shim = self.containers.shims.get(record.id)
-        if shim is None:
-            raise NotFound(f"container {record.id} is not running, so it has no log to reopen")
+        if shim is None or not shim.running:
+            # containerd rejects a reopen of a stopped container the same way.
+            raise FailedPrecondition(
+                f"container {record.id} is {record.state}: only a running container's log "
+                "can be reopened"
+            )
         shim.reopen_log()
         return cri.ReopenContainerLogResponse()
+
+    async def exec_sync(self, request: cri.ExecSyncRequest, api: str) -> cri.ExecSyncResponse:
+        _require(request.container_id, "container_id")
+        result = await self.containers.exec_sync(
+            request.container_id, list(request.cmd), request.timeout
+        )
+        return cri.ExecSyncResponse(
+            stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code
+        )
+
+    async def update_container_resources(
+        self, request: cri.UpdateContainerResourcesRequest, api: str
+    ) -> cri.UpdateContainerResourcesResponse:
+        _require(request.container_id, "container_id")
+        await self.containers.update_resources(request.container_id, request.linux)
+        return cri.UpdateContainerResourcesResponse()
 
     # Images
 
@@ -360,21 +381,23 @@ class CRIService:
 def registry_auth(auth: cri.AuthConfig | None) -> RegistryAuth | None:
     """Turn the CRI AuthConfig into registry credentials; None for an anonymous pull.
 
-    ``auth`` (base64 of user:password) is used when username and password are not given, and a
-    ready ``registry_token`` wins over both, as containerd orders them.
+    A ready ``registry_token`` wins, then an ``identity_token`` (exchanged for an access token
+    at the token realm), then username and password, then ``auth`` (base64 of user:password),
+    as containerd orders them. ``server_address`` limits the credentials to that registry.
     """
     if auth is None:
         return None
+    server = auth.server_address
     if auth.registry_token:
-        return RegistryAuth(registry_token=auth.registry_token)
-    if auth.username or auth.password:
-        return RegistryAuth(username=auth.username, password=auth.password)
-    if auth.auth:
-        return RegistryAuth.from_encoded(auth.auth)
+        return RegistryAuth(registry_token=auth.registry_token, server_address=server)
     if auth.identity_token:
-        # TODO: exchange an identity (refresh) token for an access token at the realm; until
-        # then it is sent as a bearer token, which registries that issue them reject.
-        return RegistryAuth(registry_token=auth.identity_token)
+        return RegistryAuth(
+            username=auth.username, identity_token=auth.identity_token, server_address=server
+        )
+    if auth.username or auth.password:
+        return RegistryAuth(username=auth.username, password=auth.password, server_address=server)
+    if auth.auth:
+        return RegistryAuth.from_encoded(auth.auth, server_address=server)
     return None
 
 

@@ -3,7 +3,7 @@
 One ``RegistryClient`` talks to one registry endpoint for one pull. It speaks plain HTTP to
 loopback addresses and ``localhost``. A configured insecure registry gets HTTPS without
 certificate verification, and plain HTTP when the TLS connection fails. Every other host gets
-verified HTTPS. The client answers 401 challenges with HTTP Basic or the bearer token flow of
+verified HTTPS. The client handles 401 challenges with HTTP Basic or the bearer token flow of
 the distribution spec (see ``auth.py``). Credentials go only to the registry endpoint they were
 given for, and to the token realm that endpoint names when the realm is HTTPS or loopback.
 
@@ -83,7 +83,6 @@ ACCEPT_MANIFESTS = ", ".join(_ACCEPTED_MANIFEST_TYPES)
 # Manifests are small JSON documents, so the cap only stops a broken registry from filling memory.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_REDIRECTS = 5
-BLOB_CHUNK_BYTES = 1024 * 1024
 # Attempts per request before a transient failure fails the pull, and the backoff bounds.
 MAX_ATTEMPTS = 5
 BACKOFF_FIRST_SECONDS = 0.2
@@ -450,10 +449,12 @@ class RegistryClient:
                 length = response.headers.get("content-length")
                 if length is not None and length.isdigit() and int(length) != descriptor.size:
                     raise FailedPrecondition(
-                        f"{what} has {length} bytes at {self.host}, but its manifest says "
+                        f"{what} has {length} bytes at {self.host}, but its manifest lists "
                         f"{descriptor.size}"
                     )
-            async for chunk in response.aiter_raw(BLOB_CHUNK_BYTES):
+            # No chunk size: a buffered chunk would be lost when the connection drops, and the
+            # resume must start after the last byte that reached the file.
+            async for chunk in response.aiter_raw():
                 writer.write(chunk)
                 if progress is not None:
                     progress(len(chunk))
@@ -546,7 +547,9 @@ class RegistryClient:
             return False
         self._may_downgrade = False
         self.base_url = self.base_url.copy_with(scheme="http")
-        log.warning("insecure registry refused HTTPS, using plain HTTP registry=%s", self.host)
+        log.warning(
+            "TLS connection to insecure registry failed, using plain HTTP registry=%s", self.host
+        )
         return True
 
     async def _handle_challenge(self, challenge: str, repository: str) -> None:
@@ -573,7 +576,7 @@ class RegistryClient:
             raise Unauthenticated(
                 f"registry {self.host} named a token realm with unsupported scheme {realm.scheme!r}"
             )
-        # The realm sees the credentials only over HTTPS or on this machine.
+        # The realm receives the credentials only over HTTPS or on a loopback or insecure host.
         send_credentials = realm.scheme == "https" or is_insecure_host(
             realm.netloc.decode(), self.insecure_registries
         )
@@ -644,7 +647,7 @@ def _check_content_range(
     match = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", header)
     if not match or int(match.group(1)) != offset:
         raise FailedPrecondition(
-            f"registry {host} answered a range request for blob {descriptor.digest} from byte "
+            f"registry {host} responded to a range request for blob {descriptor.digest} from byte "
             f"{offset} with Content-Range {header!r}"
         )
 

@@ -31,7 +31,7 @@ _overlay_results: dict[Path, bool] = {}
 def overlay_supported(work_dir: Path) -> bool:
     """Return True if overlayfs with whiteouts can be mounted from ``work_dir``; cached.
 
-    ``work_dir`` should be on the filesystem that holds the snapshots and container upper
+    ``work_dir`` should be on the filesystem that contains the snapshots and container upper
     directories. The first False result is logged at warning level.
     """
     key = work_dir.resolve()

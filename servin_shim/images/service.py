@@ -323,13 +323,15 @@ class ImageService:
         busy.update(layer.digest for layer in resolved.layers)
         self._pinned_by_pulls.append(busy)
         try:
+            if not self.content.has(resolved.config.digest):
+                progress.bytes_total += resolved.config.size
             await self._fetch_blob(client, reference.repository, resolved.config, progress)
             config = self.content.read_json(resolved.config.digest)
-            diff_ids = _diff_ids(reference, config, len(resolved.layers))
+            diff_ids = config_diff_ids(reference, config, len(resolved.layers))
             chains = chain_ids(diff_ids)
             busy.update(chains)
             progress.layers_total = len(resolved.layers)
-            progress.bytes_total = sum(
+            progress.bytes_total += sum(
                 layer.size
                 for layer, chain in zip(resolved.layers, chains, strict=True)
                 if not self.snapshots.has(chain) and not self.content.has(layer.digest)
@@ -343,6 +345,20 @@ class ImageService:
         if tagged:
             names.append((tagged, TAG))
         names.append((reference.with_digest(resolved.digest), DIGEST))
+        return self.save_image(resolved, config, chains, names)
+
+    def save_image(
+        self,
+        resolved: ResolvedImage,
+        config: dict[str, Any],
+        chains: builtins.list[str],
+        names: builtins.list[tuple[str, str]],
+    ) -> str:
+        """Write the record of an image whose blobs and snapshots are in place; return its id.
+
+        ``names`` are (name, TAG or DIGEST) pairs. An image that loses its last name to this
+        one is removed.
+        """
         record = ImageRecord(
             id=resolved.config.digest,
             size=resolved.config.size + sum(layer.size for layer in resolved.layers),
@@ -548,7 +564,7 @@ class ImageService:
                 self.snapshots.delete(chain)
 
 
-def _diff_ids(reference: Reference, config: Any, layer_count: int) -> list[str]:
+def config_diff_ids(reference: Reference | str, config: Any, layer_count: int) -> list[str]:
     """Return ``rootfs.diff_ids`` from an image config after checking it fits the manifest."""
     rootfs = config.get("rootfs") if isinstance(config, dict) else None
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None

@@ -11,6 +11,7 @@ leaves a partial snapshot under a final name.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gzip
 import hashlib
 import logging
@@ -124,7 +125,13 @@ class SnapshotStore:
                 )
             # NOTE: the tree is not fsynced before the rename, so after a power loss (not a
             # daemon crash) a snapshot may exist with data that never reached the disk.
-            os.rename(temp, final)
+            try:
+                os.rename(temp, final)
+            except OSError as exc:
+                # Another process (an import next to the daemon) finished the same chain.
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self.has(chain_id):
+                    raise
+                shutil.rmtree(temp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
             raise

@@ -338,12 +338,17 @@ class Pusher:
 
     host: str
     auth: tuple[str, str] | None = None
+    # A ready bearer token, for registries with token auth (see TokenServer.token_for).
+    bearer: str | None = None
     _client: httpx.Client = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.host.startswith(("127.0.0.1:", "localhost:")):
             raise ValueError(f"refusing to push to {self.host}: tests push to 127.0.0.1 only")
-        self._client = httpx.Client(base_url=f"http://{self.host}", auth=self.auth, timeout=30)
+        headers = {"Authorization": f"Bearer {self.bearer}"} if self.bearer else {}
+        self._client = httpx.Client(
+            base_url=f"http://{self.host}", auth=self.auth, headers=headers, timeout=60
+        )
 
     def close(self) -> None:
         self._client.close()

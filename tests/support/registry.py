@@ -2,7 +2,11 @@
 
 Storage is a temporary directory with deletes enabled, so tests can corrupt or remove blobs.
 With ``users`` given, the registry requires HTTP Basic credentials checked against a bcrypt
-htpasswd file.
+htpasswd file. With ``auth`` given (such as ``TokenServer.registry_auth_config()``), that section
+is the registry's auth config instead.
+
+``FaultProxy`` sits between a client and a registry on 127.0.0.1. It records every request and
+can respond with an error status, cut a response after some bytes, stall it, or slow it down.
 """
 
 from __future__ import annotations
@@ -10,12 +14,15 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
+import socketserver
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import httpx
 import yaml
@@ -53,10 +60,13 @@ def free_port() -> int:
 class Registry:
     """A running ``docker-registry serve`` process and its storage directory."""
 
-    def __init__(self, users: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, users: dict[str, str] | None = None, auth: dict[str, Any] | None = None
+    ) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="servin-registry-"))
         self.storage = self.workdir / "data"
         self.users = dict(users or {})
+        self.auth = auth
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._log_path = self.workdir / "registry.log"
@@ -132,12 +142,17 @@ class Registry:
                 "maintenance": {"uploadpurging": {"enabled": False}},
             },
             "http": {"addr": self.host, "secret": "servin-test-secret"},
+            # Manifests may name loopback URLs for non-distributable layers; the registry
+            # rejects every such URL unless an allow pattern matches it.
+            "validation": {"manifests": {"urls": {"allow": [r"^http://127\.0\.0\.1:"]}}},
         }
         if self.users:
             htpasswd = self.workdir / "htpasswd"
             lines = [f"{user}:{bcrypt_hash(password)}\n" for user, password in self.users.items()]
             htpasswd.write_text("".join(lines))
             config["auth"] = {"htpasswd": {"realm": "servin-test", "path": str(htpasswd)}}
+        if self.auth is not None:
+            config["auth"] = self.auth
         (self.workdir / "config.yml").write_text(yaml.safe_dump(config))
 
     def _wait_ready(self) -> bool:
@@ -158,3 +173,161 @@ class Registry:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+@dataclass
+class ProxiedRequest:
+    """One request that passed the proxy."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+@dataclass
+class Fault:
+    """What to do to the next ``times`` requests whose path ends with ``path_suffix``.
+
+    ``status`` returns that status (and ``retry_after``) without asking the registry.
+    ``cut_after`` closes the connection after that many body bytes. ``stall_after`` stops
+    sending after that many body bytes but keeps the connection open until the proxy stops.
+    """
+
+    path_suffix: str
+    times: int = 1
+    status: int | None = None
+    retry_after: str | None = None
+    cut_after: int | None = None
+    stall_after: int | None = None
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of ``upstream`` (``HOST:PORT``) that injects faults.
+
+    Each request goes to the upstream on a new connection with ``Connection: close``.
+    ``bytes_per_second`` throttles every response body.
+    """
+
+    def __init__(self, upstream: str, bytes_per_second: float | None = None) -> None:
+        self.upstream_host, port = upstream.rsplit(":", 1)
+        self.upstream_port = int(port)
+        self.bytes_per_second = bytes_per_second
+        self.requests: list[ProxiedRequest] = []
+        self.faults: list[Fault] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        proxy = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                proxy._serve(self.request)
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def count(self, path_suffix: str, method: str = "GET") -> int:
+        """Return how many ``method`` requests for paths ending in ``path_suffix`` passed."""
+        return sum(1 for r in self.requests if r.method == method and r.path.endswith(path_suffix))
+
+    def _take_fault(self, path: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.times > 0 and path.endswith(fault.path_suffix):
+                    fault.times -= 1
+                    return fault
+        return None
+
+    def _serve(self, client: socket.socket) -> None:
+        head = _read_head(client)
+        if head is None:
+            return
+        request_line, _, header_text = head.partition(b"\r\n")
+        method, path, _ = request_line.decode().split(" ", 2)
+        headers = {}
+        for line in header_text.decode().split("\r\n"):
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        self.requests.append(ProxiedRequest(method, path, headers))
+        fault = self._take_fault(path.split("?", 1)[0])
+        if fault is not None and fault.status is not None:
+            extra = f"Retry-After: {fault.retry_after}\r\n" if fault.retry_after else ""
+            client.sendall(
+                f"HTTP/1.1 {fault.status} Injected\r\n{extra}Content-Length: 0\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            client.close()
+            return
+        lines = [request_line.decode()]
+        for name, value in headers.items():
+            if name not in ("connection", "keep-alive"):
+                lines.append(f"{name}: {value}")
+        lines.append("Connection: close")
+        upstream = socket.create_connection((self.upstream_host, self.upstream_port))
+        try:
+            upstream.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+            self._relay(upstream, client, fault)
+        finally:
+            upstream.close()
+            client.close()
+
+    def _relay(self, upstream: socket.socket, client: socket.socket, fault: Fault | None) -> None:
+        response_head = _read_head(upstream)
+        if response_head is None:
+            return
+        client.sendall(response_head + b"\r\n\r\n")
+        sent = 0
+        started = time.monotonic()
+        while True:
+            chunk = upstream.recv(65536)
+            if not chunk:
+                return
+            limit = None
+            if fault is not None:
+                limit = fault.cut_after if fault.cut_after is not None else fault.stall_after
+            if limit is not None and sent + len(chunk) >= limit:
+                client.sendall(chunk[: max(limit - sent, 0)])
+                if fault is not None and fault.stall_after is not None:
+                    self._stopping.wait()
+                return
+            client.sendall(chunk)
+            sent += len(chunk)
+            if self.bytes_per_second:
+                ahead = sent / self.bytes_per_second - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+
+
+def _read_head(sock: socket.socket) -> bytes | None:
+    """Read up to the blank line that ends an HTTP head, one byte at a time."""
+    data = b""
+    while True:
+        byte = sock.recv(1)
+        if not byte:
+            return None
+        data += byte
+        if data.endswith(b"\r\n\r\n"):
+            return data[:-4]
