@@ -113,9 +113,7 @@ async def serve(settings: Settings) -> int:
         insecure_registries=spec.image.insecure_registries,
         registry_mirrors=spec.image.registry_mirrors,
         pull_timeout=spec.image_service.pull_timeout,
-        # NOTE: imageService.progressTimeout is not in the config model yet; until it is, the
-        # image service's default of 60 s applies.
-        progress_timeout=getattr(spec.image_service, "progress_timeout", 60.0),
+        progress_timeout=spec.image_service.progress_timeout,
         parallel_pulls=spec.image_service.parallel_pulls,
         in_use_chain_ids=chain_ids_in_use,
     )

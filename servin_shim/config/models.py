@@ -325,6 +325,8 @@ class ImageServiceConfig(Section):
     default_registry: RegistryHost = "docker.io"
     pull_timeout: Annotated[Duration, Field(gt=0)] = 900.0
     parallel_pulls: Annotated[StrictInt, Field(ge=1)] = 3
+    #: A pull that receives no bytes and unpacks nothing for this long is cancelled.
+    progress_timeout: Annotated[Duration, Field(gt=0)] = 60.0
 
 
 class PodSandboxConfig(Section):

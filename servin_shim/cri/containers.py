@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from servin_shim.api.runtime import v1 as cri
+from servin_shim.config.models import ResourcesConfig
 from servin_shim.cri import convert
 from servin_shim.cri.container_spec import build_container_spec, ensure_workdir, parse_signal
 from servin_shim.cri.context import RuntimeContext, new_id, now_ns
 from servin_shim.cri.exec import ExecResult, exec_sync
 from servin_shim.errors import FailedPrecondition, InvalidArgument, NotFound
 from servin_shim.oci import cgroups, rootfs
+from servin_shim.oci import resources as ociresources
 from servin_shim.oci import spec as ocispec
 from servin_shim.oci.runtime import OCIRuntimeError
 from servin_shim.oci.shim import ContainerShim
@@ -297,7 +299,11 @@ class ContainerManager:
                     f"container {record.id} is {record.state}: only a created or running "
                     "container can have its resources updated"
                 )
-            oci_resources = cgroups.linux_resources(resources)
+            # The same conversion as at create, but without the daemon's configured defaults,
+            # which applied at create already: an update changes only what it sets.
+            oci_resources, _ = ociresources.linux_resources(
+                resources, ResourcesConfig(), container_id=record.id
+            )
             if record.state == CONTAINER_RUNNING:
                 try:
                     await ctx.runtime(record.runtime_handler).update(record.id, oci_resources)

@@ -83,6 +83,7 @@ def container(record: ContainerRecord) -> cri.Container:
 
 
 def container_status(record: ContainerRecord) -> cri.ContainerStatus:
+    resources = container_resources(record)
     return cri.ContainerStatus(
         id=record.id,
         metadata=container_metadata(record),
@@ -109,7 +110,18 @@ def container_status(record: ContainerRecord) -> cri.ContainerStatus:
             for m in record.mounts
         ],
         log_path=record.log_path,
+        resources=cri.ContainerResources(linux=resources) if resources else None,
     )
+
+
+def container_resources(record: ContainerRecord) -> cri.LinuxContainerResources | None:
+    """Return the container's current Linux resources: the last update, else its config's."""
+    if record.resources:
+        return cri.LinuxContainerResources.from_dict(record.resources)
+    if not record.config_b64:
+        return None
+    config = container_config(record)
+    return config.linux.resources if config.linux else None
 
 
 def container_info(record: ContainerRecord) -> dict[str, str]:

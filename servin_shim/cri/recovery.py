@@ -75,6 +75,8 @@ async def recover(service: CRIService) -> None:
                 log_path=Path(record.log_path) if record.log_path else None,
                 runtime=runtime, monitor=ctx.monitor,
                 on_exit=lambda code, at, cid=record.id: service.containers._exited(cid, code, at),
+                before_delete=lambda cid=record.id: service.containers._capture_oom(cid),
+                log_rotation=ctx.log_rotation,
             )
             shim.adopt(state.pid)
             service.containers.shims[record.id] = shim
@@ -86,6 +88,9 @@ async def recover(service: CRIService) -> None:
                       record.log_path)
         recorded = ctx.monitor.recorded_exit(record.id)
         if recorded is not None:
+            # The cgroup stays until the runtime deletes the container, so its OOM count is
+            # still there to read.
+            await service.containers._capture_oom(record.id)
             await service.containers._exited(record.id, *recorded)
             ctx.monitor.forget(record.id)
             log.info("container exited while the daemon was down id=%s exit_code=%d",

@@ -154,16 +154,18 @@ class OCIRuntime:
         stdout: int,
         stderr: int,
     ) -> subprocess.Popen[bytes]:
-        """Spawn ``exec`` of ``command`` in a running container; the caller reaps the process.
+        """Spawn a detached ``exec`` of ``command`` in a running container.
 
         The new process takes the container's process spec (env, user, cwd, capabilities) with
-        its args replaced, and writes straight into ``stdout`` and ``stderr``. ``exec`` exits
-        with the process's exit code, or 128 + signal number, once the process exits. Its own
-        errors go to ``log_file`` (read them with ``last_error``), and the process's host pid
-        to ``pid_file``.
+        its args replaced, and writes straight into ``stdout`` and ``stderr``. The runtime
+        exits once the process runs, leaving its host pid in ``pid_file``, and the process
+        becomes a child of this subreaper daemon, so the caller waits for both through the
+        reaper. Detaching matters: an attached ``runc exec`` also waits for every background
+        child of the process. The runtime's own errors go to ``log_file`` (see ``last_error``).
         """
         argv = self._argv(
-            "exec", "--pid-file", str(pid_file), container_id, *command, log_file=log_file
+            "exec", "--detach", "--pid-file", str(pid_file), container_id, *command,
+            log_file=log_file,
         )
         return self._reaper.spawn(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
 

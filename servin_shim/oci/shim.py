@@ -212,7 +212,7 @@ class ContainerShim:
     async def _stop(self, graceful: bool, stop_signal: int) -> None:
         if graceful:
             await self.kill(stop_signal)
-            # The deadline may move later while waiting, when another stop asks for more time.
+            # The deadline moves later while this waits if another stop requests a longer one.
             while (remaining := self._stop_deadline - time.monotonic()) > 0:
                 if await self.wait(remaining):
                     return
