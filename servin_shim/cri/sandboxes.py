@@ -20,7 +20,7 @@ from servin_shim.api.runtime import v1 as cri
 from servin_shim.cri.context import RuntimeContext, new_id, now_ns
 from servin_shim.errors import FailedPrecondition, InvalidArgument, NotFound
 from servin_shim.oci import resources as ociresources
-from servin_shim.oci import rootfs, seccomp
+from servin_shim.oci import cgroups, rootfs, seccomp
 from servin_shim.oci import security as ocisecurity
 from servin_shim.oci import spec as ocispec
 from servin_shim.oci.shim import ContainerShim
@@ -171,7 +171,9 @@ class SandboxManager:
             spec.pop("hostname", None)
         else:
             ocispec.set_namespace(spec, "network", record.netns_path)
-        spec["linux"]["cgroupsPath"] = ociresources.cgroups_path(record.cgroup_parent, record.id)
+        spec["linux"]["cgroupsPath"] = ociresources.cgroups_path(
+            ociresources.pod_cgroup_parent(record.cgroup_parent, record.id), record.id
+        )
         spec["annotations"] = {
             "io.kubernetes.cri.container-type": "sandbox",
             "io.kubernetes.cri.sandbox-id": record.id,
@@ -273,11 +275,9 @@ class SandboxManager:
             spec["process"]["user"]["uid"] = security.run_as_user.value
         if security.run_as_group is not None:
             spec["process"]["user"]["gid"] = security.run_as_group.value
-        container_context = cri.LinuxContainerSecurityContext(
-            seccomp=security.seccomp, seccomp_profile_path=security.seccomp_profile_path
-        )
         profile = ocisecurity.seccomp_profile(
-            container_context, [], self.ctx.config.security, privileged=security.privileged
+            security.seccomp, security.seccomp_profile_path, [], self.ctx.config.security,
+            privileged=security.privileged,
         )
         if profile is not None:
             spec["linux"]["seccomp"] = profile
@@ -342,6 +342,9 @@ class SandboxManager:
             await self._teardown(record)
             rootfs.remove_tree(self.ctx.paths.sandbox_state_dir(record.id))
             rootfs.remove_tree(self.ctx.paths.sandbox_dir(record.id))
+            if not record.cgroup_parent:
+                # The pod cgroup is ours only when kubelet gave no parent; kubelet removes its own.
+                cgroups.remove_cgroup(ociresources.pod_cgroup_parent("", record.id))
             self.ctx.metadata.delete_sandbox(record.id)
         self.ctx.locks.pop(record.id, None)
         log.info("removed pod sandbox id=%s", record.id)

@@ -27,8 +27,10 @@ from servin_shim.cri.containers import ContainerManager
 from servin_shim.cri.context import RuntimeContext
 from servin_shim.cri.errors import as_grpc_status
 from servin_shim.cri.sandboxes import SandboxManager
+from servin_shim.cri.stats import StatsCollector
 from servin_shim.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from servin_shim.images.registry import RegistryAuth
+from servin_shim.state.records import CONTAINER_RUNNING, SANDBOX_READY
 
 log = logging.getLogger("servin_shim.cri")
 
@@ -115,6 +117,7 @@ class CRIService:
         self.ctx = ctx
         self.sandboxes = SandboxManager(ctx)
         self.containers = ContainerManager(ctx)
+        self.stats = StatsCollector(ctx)
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         mapping: dict[str, grpclib.const.Handler] = {}
@@ -328,6 +331,50 @@ class CRIService:
         _require(request.container_id, "container_id")
         await self.containers.update_resources(request.container_id, request.linux)
         return cri.UpdateContainerResourcesResponse()
+
+    # Statistics
+
+    async def container_stats(
+        self, request: cri.ContainerStatsRequest, api: str
+    ) -> cri.ContainerStatsResponse:
+        record = self.containers.resolve(request.container_id)
+        return cri.ContainerStatsResponse(stats=await self.stats.container(record))
+
+    async def list_container_stats(
+        self, request: cri.ListContainerStatsRequest, api: str
+    ) -> cri.ListContainerStatsResponse:
+        records = [r for r in self.ctx.metadata.containers() if r.state == CONTAINER_RUNNING]
+        f = request.filter
+        if f is not None:
+            if f.id:
+                records = [r for r in records if r.id.startswith(f.id)]
+            if f.pod_sandbox_id:
+                records = [r for r in records if r.sandbox_id.startswith(f.pod_sandbox_id)]
+            if f.label_selector:
+                records = [r for r in records if _labels_match(r.labels, f.label_selector)]
+        return cri.ListContainerStatsResponse(
+            stats=[await self.stats.container(r) for r in records]
+        )
+
+    async def pod_sandbox_stats(
+        self, request: cri.PodSandboxStatsRequest, api: str
+    ) -> cri.PodSandboxStatsResponse:
+        record = self.sandboxes.resolve(request.pod_sandbox_id)
+        return cri.PodSandboxStatsResponse(stats=await self.stats.sandbox(record))
+
+    async def list_pod_sandbox_stats(
+        self, request: cri.ListPodSandboxStatsRequest, api: str
+    ) -> cri.ListPodSandboxStatsResponse:
+        records = [r for r in self.ctx.metadata.sandboxes() if r.state == SANDBOX_READY]
+        f = request.filter
+        if f is not None:
+            if f.id:
+                records = [r for r in records if r.id.startswith(f.id)]
+            if f.label_selector:
+                records = [r for r in records if _labels_match(r.labels, f.label_selector)]
+        return cri.ListPodSandboxStatsResponse(
+            stats=[await self.stats.sandbox(r) for r in records]
+        )
 
     # Images
 

@@ -11,6 +11,7 @@ v1. On a pure cgroup v2 host it is that path below ``/sys/fs/cgroup``.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from servin_shim.api.runtime import v1 as cri
@@ -84,3 +85,25 @@ def oom_kill_count(cgroups_path: str, root: Path = CGROUP_ROOT) -> int:
     # NOTE: kernels before 4.13 have no oom_kill counter in cgroup v1, so an OOM kill on them
     # is reported as a plain error exit.
     return 0
+
+
+def remove_cgroup(cgroups_path: str, root: Path = CGROUP_ROOT) -> None:
+    """Remove a cgroupfs-driver cgroup and its empty children from every mounted hierarchy.
+
+    runc removes the cgroup of each container it deletes, but not the parents it created on the
+    way, such as a pod's own cgroup. A cgroup that still has processes stays, with a warning.
+    """
+    if not cgroups_path.startswith("/") or cgroups_path.strip("/") == "":
+        return
+    relative = cgroups_path.strip("/")
+    hierarchies = [root] if is_unified(root) else [p for p in root.iterdir() if p.is_dir()]
+    for hierarchy in hierarchies:
+        top = hierarchy / relative
+        if not top.is_dir():
+            continue
+        # Children first: a cgroup directory can only be removed once it has none.
+        for directory, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):
+            try:
+                os.rmdir(directory)
+            except OSError as exc:
+                log.warning("failed to remove cgroup path=%s: %s", directory, exc)

@@ -75,6 +75,15 @@ def cgroups_path(parent: str, name: str) -> str:
     return f"{base}/{name}"
 
 
+def pod_cgroup_parent(cgroup_parent: str, sandbox_id: str) -> str:
+    """Return the cgroup that contains every process of a pod, infra and containers alike.
+
+    kubelet passes one per pod. Without it, the pod gets ``/servin/<sandbox id>``, so the infra
+    and the containers are siblings below one pod cgroup, as under kubelet's parent.
+    """
+    return cgroup_parent or f"{DEFAULT_CGROUP_PARENT}/{sandbox_id}"
+
+
 def daemon_oom_score_adj() -> int:
     try:
         return int(Path("/proc/self/oom_score_adj").read_text())

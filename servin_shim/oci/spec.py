@@ -8,9 +8,18 @@ device cgroup that allows only the standard character devices.
 from __future__ import annotations
 
 import json
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from servin_shim.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+#: Symlinks followed while resolving one path inside a root, the kernel's own limit (MAXSYMLINKS).
+MAX_SYMLINKS = 40
 
 OCI_VERSION = "1.0.2"
 
@@ -140,12 +149,15 @@ def remove_namespace(spec: dict[str, Any], ns_type: str) -> None:
 def merge_env(base: list[str], overrides: list[tuple[str, str]]) -> list[str]:
     """Apply ``overrides`` on top of ``base`` (``KEY=value`` strings), keeping the first order.
 
-    An entry without ``=`` is kept as it is: runc passes it through and the image's author
-    wrote it that way, so dropping it or failing would be worse.
+    An image entry without ``=`` is dropped with a warning: runc rejects such an entry and fails
+    the whole start, and it sets no value anyway.
     """
     order: list[str] = []
     values: dict[str, str] = {}
     for entry in base:
+        if "=" not in entry:
+            log.warning("dropping image environment entry without '=' entry=%r", entry)
+            continue
         key = entry.split("=", 1)[0]
         if key not in values:
             order.append(key)
@@ -174,6 +186,84 @@ def write_spec(bundle: Path, spec: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(bundle / "config.json")
+
+
+def resolve_in_root(root: Path, path: str) -> Path:
+    """Resolve ``path`` as the container would see it, with ``root`` as ``/``.
+
+    Symlinks in the image are followed relative to ``root``, so an absolute or ``..`` link never
+    leads out of the root filesystem to a host file. Missing components stay as written.
+    """
+    parts = [p for p in path.split("/") if p and p != "."]
+    resolved: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = root.joinpath(*resolved, part)
+        if candidate.is_symlink():
+            links += 1
+            if links > MAX_SYMLINKS:
+                raise InvalidArgument(
+                    f"too many levels of symbolic links resolving {path!r} in the container "
+                    "root: fix the image's symlinks"
+                )
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p and p != "."] + parts
+            continue
+        resolved.append(part)
+    return root.joinpath(*resolved)
+
+
+@dataclass
+class MountInfo:
+    """One line of /proc/self/mountinfo: the mount point and its propagation fields."""
+
+    mount_point: str
+    optional_fields: list[str]
+
+    @property
+    def shared(self) -> bool:
+        return any(field.startswith("shared:") for field in self.optional_fields)
+
+    @property
+    def slave(self) -> bool:
+        return any(field.startswith("master:") for field in self.optional_fields)
+
+
+def _unescape(field: str) -> str:
+    # The kernel writes space, tab, newline and backslash in mount points as octal escapes.
+    return (field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+            .replace("\\134", "\\"))
+
+
+def read_mountinfo(path: Path = Path("/proc/self/mountinfo")) -> list[MountInfo]:
+    entries = []
+    with open(path) as f:
+        for line in f:
+            fields = line.split()
+            separator = fields.index("-")
+            entries.append(MountInfo(_unescape(fields[4]), fields[6:separator]))
+    return entries
+
+
+def mount_of(path: Path, mounts: list[MountInfo] | None = None) -> MountInfo:
+    """Return the mount that contains ``path``: the deepest mount point, the last one mounted."""
+    target = os.path.realpath(path)
+    best: MountInfo | None = None
+    for entry in mounts if mounts is not None else read_mountinfo():
+        point = entry.mount_point
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best.mount_point)):
+            best = entry
+    if best is None:
+        raise InvalidArgument(f"no mount contains {str(path)!r}: check the host path")
+    return best
 
 
 def read_spec(bundle: Path) -> dict[str, Any]:

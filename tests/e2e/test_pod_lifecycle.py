@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from servin_shim.api.runtime import v1 as cri
 from tests.e2e.helpers import container_config, run_container, sandbox_config, wait_for_state
@@ -65,3 +66,5 @@ async def test_pod_lifecycle_end_to_end(daemon: Daemon, busybox_ref: str) -> Non
     assert daemon.runc_containers() == []
     assert daemon.mounts() == []
     assert not process_alive(infra_pid)
+    assert not Path(f"/sys/fs/cgroup/memory/servin/{sandbox_id}").exists()
+    assert not Path(f"/sys/fs/cgroup/unified/servin/{sandbox_id}").exists()
