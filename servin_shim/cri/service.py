@@ -18,6 +18,8 @@ from typing import Any
 
 import betterproto2
 import grpclib.const
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from servin_shim import RUNTIME_NAME, __version__
@@ -144,7 +146,7 @@ class CRIService:
         method: Handler | None = getattr(self, _snake(name), None)
 
         async def handle(stream: Stream[Any, Any]) -> None:
-            request = await stream.recv_message()
+            request = await _receive(stream, name)
             ids = _request_ids(request)
             started = time.monotonic()
             with as_grpc_status(name, ids):
@@ -446,6 +448,19 @@ def registry_auth(auth: cri.AuthConfig | None) -> RegistryAuth | None:
     if auth.auth:
         return RegistryAuth.from_encoded(auth.auth, server_address=server)
     return None
+
+
+async def _receive(stream: Stream[Any, Any], method: str) -> Any:
+    """Decode the request; a message that does not parse is the client's error, not ours."""
+    try:
+        return await stream.recv_message()
+    except (UnicodeDecodeError, ValueError) as exc:
+        # Protobuf strings must be UTF-8; betterproto2 rejects others while decoding.
+        log.info("%s request rejected: cannot decode it: %s", method, exc)
+        raise GRPCError(
+            Status.INVALID_ARGUMENT,
+            f"{method}: invalid request: {exc}; string fields must be valid UTF-8",
+        ) from exc
 
 
 def _require(value: str, field: str) -> None:

@@ -79,10 +79,14 @@ class OCIRuntime:
         log file in the bundle afterwards (``create_error``).
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        return self._argv(
+        argv = self._argv(
             "create", "--bundle", str(bundle), "--pid-file", str(pid_file), container_id,
             log_file=bundle / "runtime.log",
         )
+        if uses_systemd_cgroup(bundle):
+            # A global flag, so it goes before the command name.
+            argv.insert(argv.index("create"), "--systemd-cgroup")
+        return argv
 
     def create_error(self, container_id: str, bundle: Path, code: int) -> OCIRuntimeError:
         """Build the error for a failed ``create`` from the runtime's log."""
@@ -179,6 +183,16 @@ class OCIRuntime:
         await self._run(
             "update", "--resources", "-", container_id, input=json.dumps(resources).encode()
         )
+
+
+def uses_systemd_cgroup(bundle: Path) -> bool:
+    """Return True if the bundle's cgroupsPath has the systemd driver's ``slice:prefix:name``."""
+    try:
+        with open(bundle / "config.json") as f:
+            path = json.load(f).get("linux", {}).get("cgroupsPath", "")
+    except (OSError, ValueError):
+        return False
+    return isinstance(path, str) and path.count(":") == 2 and not path.startswith("/")
 
 
 def _is_gone(message: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grpclib.const
 import pytest
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -121,3 +122,36 @@ async def test_status_reports_runtime_ready(daemon: Daemon) -> None:
     assert reply.status is not None
     conditions = {c.type: c.status for c in reply.status.conditions}
     assert conditions == {"RuntimeReady": True, "NetworkReady": True}
+
+
+async def test_invalid_utf8_string_is_invalid_argument(daemon: Daemon) -> None:
+    assert daemon.channel is not None
+    # ContainerStatusRequest field 1 (container_id) as a string of bytes that are not UTF-8.
+    payload = b"\x0a\x02\xff\xfe"
+
+    async with daemon.channel.request(
+        "/runtime.v1.RuntimeService/ContainerStatus",
+        grpclib.const.Cardinality.UNARY_UNARY,
+        RawBytes,
+        RawBytes,
+    ) as stream:
+        await stream.send_message(RawBytes(payload), end=True)
+        with pytest.raises(GRPCError) as error:
+            await stream.recv_message()
+
+    assert error.value.status is Status.INVALID_ARGUMENT
+    assert "UTF-8" in (error.value.message or "")
+
+
+class RawBytes:
+    """A message type that passes its bytes through grpclib's codec unchanged."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.data = data
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 - the name grpclib's codec calls
+        return self.data
+
+    @classmethod
+    def FromString(cls, data: bytes) -> RawBytes:  # noqa: N802 - the name grpclib's codec calls
+        return cls(data)
