@@ -18,7 +18,9 @@ Protocol: JSON lines over the unix socket ``<state>/monitor.sock``.
   run ``argv`` (a ``runc create`` command line) with its stdio opened from the given paths
   (``stdout`` and ``stderr`` read-write, so a FIFO keeps a reader; see oci/io.py) and reply
   ``{"op": "created", "id", "code", "pid"}`` where ``pid`` is the container's init pid read from
-  ``pid_file`` (0 when create failed).
+  ``pid_file`` (0 when create failed). With ``"console_socket": PATH`` the container has a
+  terminal: the monitor listens on PATH, which ``argv`` names in ``--console-socket``, receives
+  the pty master from the runtime and copies the terminal's output into ``stdout``.
 - monitor -> daemon ``{"op": "exit", "id", "code", "finished_at"}`` when a watched init exits.
 - daemon -> monitor ``{"op": "release", "id"}`` once the daemon has stored the exit and read the
   last output.
@@ -92,6 +94,8 @@ class Monitor:
         self.unclaimed: dict[int, tuple[int, int]] = {}
         #: container id -> FIFO fds held open until the daemon releases the container.
         self.held_fifos: dict[str, list[int]] = {}
+        #: pty master fd -> the terminal copy of a container with ``terminal: true``.
+        self.consoles: dict[int, Console] = {}
         self.idle_since = time.monotonic()
 
     def run(self) -> None:
@@ -128,10 +132,12 @@ class Monitor:
                     conn.setblocking(False)
                     self.clients[conn] = bytearray()
                     self.selector.register(conn, selectors.EVENT_READ, "client")
+                elif isinstance(key.data, Console):
+                    key.data.on_event(self)
                 else:
                     self._read_client(key.fileobj)  # type: ignore[arg-type]
             self._reap()
-            if self.clients or self.watched or self.creating or self.held_fifos:
+            if self.clients or self.watched or self.creating or self.held_fifos or self.consoles:
                 self.idle_since = time.monotonic()
             elif time.monotonic() - self.idle_since > IDLE_EXIT_SECONDS:
                 break
@@ -177,6 +183,8 @@ class Monitor:
         self.held_fifos[container_id] = fds
 
     def _release(self, container_id: str) -> None:
+        for console in [c for c in self.consoles.values() if c.container_id == container_id]:
+            console.close(self)
         for fd in self.held_fifos.pop(container_id, []):
             os.close(fd)
 
@@ -187,6 +195,9 @@ class Monitor:
             fds.append(os.open(message.get("stdin") or os.devnull, os.O_RDONLY | os.O_CLOEXEC))
             for stream in ("stdout", "stderr"):
                 fds.append(os.open(message.get(stream) or os.devnull, os.O_RDWR | os.O_CLOEXEC))
+            if message.get("console_socket"):
+                # The runtime connects during create, so the socket must exist before the fork.
+                Console.prepare(Path(message["console_socket"]))
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child only sets up stdio and execs
                 try:
@@ -197,6 +208,8 @@ class Monitor:
                 finally:
                     os._exit(127)
             self._hold(container_id, message)
+            if message.get("console_socket"):
+                Console.listen(self, container_id, Path(message["console_socket"]))
         except OSError as exc:
             self._release(container_id)
             self._send(conn, {"op": "created", "id": container_id, "code": -1, "pid": 0,
@@ -246,6 +259,9 @@ class Monitor:
             if len(self.unclaimed) < 4096:
                 self.unclaimed[pid] = (code, finished_at)
             return
+        # Terminal output still in the pty must reach the FIFO before the daemon drains it.
+        for console in [c for c in self.consoles.values() if c.container_id == container_id]:
+            console.drain(self)
         write_exit(self.state_dir, container_id, code, finished_at)
         for conn in list(self.clients):
             self._send(conn, {"op": "exit", "id": container_id, "code": code,
@@ -259,6 +275,123 @@ class Monitor:
         except OSError:
             if conn in self.clients:
                 self._drop(conn)
+
+
+class Console:
+    """The terminal of one container: a console socket, then its pty master.
+
+    Output is copied into the container's held stdout FIFO. When the FIFO is full because no
+    daemon reads, the copy waits for it to drain and stops reading the pty meanwhile, so the
+    container blocks on its terminal rather than losing output.
+    """
+
+    def __init__(self, container_id: str, listener: socket.socket, path: Path) -> None:
+        self.container_id = container_id
+        self.listener: socket.socket | None = listener
+        self.path = path
+        self.master = -1
+        self.pending = b""
+
+    @staticmethod
+    def prepare(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(1)
+        _prepared[str(path)] = listener
+
+    @classmethod
+    def listen(cls, monitor: Monitor, container_id: str, path: Path) -> None:
+        listener = _prepared.pop(str(path))
+        listener.setblocking(False)
+        console = cls(container_id, listener, path)
+        monitor.selector.register(listener, selectors.EVENT_READ, console)
+
+    def _output_fd(self, monitor: Monitor) -> int:
+        fds = monitor.held_fifos.get(self.container_id) or [-1]
+        return fds[0]
+
+    def on_event(self, monitor: Monitor) -> None:
+        if self.listener is not None:
+            self._accept(monitor)
+        elif self.pending:
+            self._flush(monitor)
+        else:
+            self._copy(monitor)
+
+    def _accept(self, monitor: Monitor) -> None:
+        assert self.listener is not None
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(5)
+            _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+        monitor.selector.unregister(self.listener)
+        self.listener.close()
+        self.listener = None
+        self.path.unlink(missing_ok=True)
+        if not fds:
+            return
+        self.master = fds[0]
+        os.set_blocking(self.master, False)
+        monitor.consoles[self.master] = self
+        monitor.selector.register(self.master, selectors.EVENT_READ, self)
+
+    def _copy(self, monitor: Monitor) -> None:
+        try:
+            data = os.read(self.master, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""  # EIO: the container closed its terminal.
+        if not data:
+            self.close(monitor)
+            return
+        self.pending = data
+        self._flush(monitor)
+
+    def _flush(self, monitor: Monitor) -> None:
+        out = self._output_fd(monitor)
+        try:
+            written = os.write(out, self.pending) if out >= 0 else len(self.pending)
+        except BlockingIOError:
+            written = 0
+        self.pending = self.pending[written:]
+        # Read the terminal while the FIFO takes more, otherwise wait until it can.
+        if self.pending and out >= 0:
+            monitor.selector.unregister(self.master)
+            monitor.selector.register(out, selectors.EVENT_WRITE, self)
+        elif out >= 0 and monitor.selector.get_map().get(out) is not None:
+            monitor.selector.unregister(out)
+            monitor.selector.register(self.master, selectors.EVENT_READ, self)
+
+    def drain(self, monitor: Monitor) -> None:
+        """Copy what the pty still holds, as far as the FIFO takes it without blocking."""
+        while self.master >= 0 and not self.pending:
+            self._copy(monitor)
+
+    def close(self, monitor: Monitor) -> None:
+        for fileobj in (self.listener, self.master, self._output_fd(monitor)):
+            if fileobj is None or fileobj == -1:
+                continue
+            key = monitor.selector.get_map().get(fileobj)
+            if key is not None and key.data is self:
+                monitor.selector.unregister(fileobj)
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            self.path.unlink(missing_ok=True)
+        if self.master >= 0:
+            monitor.consoles.pop(self.master, None)
+            os.close(self.master)
+            self.master = -1
+
+
+#: Console listeners bound before the fork of a create, by socket path.
+_prepared: dict[str, socket.socket] = {}
 
 
 def main(argv: list[str] | None = None) -> int:

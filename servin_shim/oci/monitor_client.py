@@ -115,7 +115,7 @@ class MonitorClient:
 
     async def create(
         self, container_id: str, argv: list[str], *, stdout: Path | None, stderr: Path | None,
-        pid_file: Path,
+        pid_file: Path, console_socket: Path | None = None,
     ) -> tuple[int, int]:
         """Run a ``runtime create`` command in the monitor; return its exit code and init pid."""
         await self.connect()
@@ -126,6 +126,7 @@ class MonitorClient:
             "op": "create", "id": container_id, "argv": argv,
             "stdout": str(stdout) if stdout else "", "stderr": str(stderr) if stderr else "",
             "pid_file": str(pid_file),
+            "console_socket": str(console_socket) if console_socket else "",
         }
         self._writer.write(json.dumps(message).encode() + b"\n")
         await self._writer.drain()
@@ -140,6 +141,14 @@ class MonitorClient:
         self._waiters.setdefault(container_id, []).append(fut)
         self._resolve_from_file(container_id)
         return fut
+
+    def console_socket(self, container_id: str) -> Path:
+        """Return the console socket path for a container with a terminal.
+
+        Unix socket paths are limited to 107 bytes, so it lives in a short folder under the
+        state directory, named by the start of the container id.
+        """
+        return self.state_dir / "console" / f"{container_id[:24]}.sock"
 
     def recorded_exit(self, container_id: str) -> ExitStatus | None:
         """Return the exit the monitor wrote to disk for a container, if any."""

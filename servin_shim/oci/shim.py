@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -34,6 +35,15 @@ ADOPTED_EXIT_GRACE = 3.0
 
 ExitCallback = Callable[[int, int], Awaitable[None]]
 BeforeDeleteCallback = Callable[[], Awaitable[None]]
+
+
+def wants_terminal(bundle: Path) -> bool:
+    """Return True if the bundle's process asks for a terminal."""
+    try:
+        with open(bundle / "config.json") as f:
+            return bool(json.load(f).get("process", {}).get("terminal"))
+    except (OSError, ValueError):
+        return False
 
 
 class ContainerShim:
@@ -77,13 +87,21 @@ class ContainerShim:
         self._pump = StreamPump(self.id, self.io_dir, self._log_writer())
         self._pump.start(loop)
         pid_file = self.bundle / "init.pid"
+        argv = self.runtime.create_argv(self.id, self.bundle, pid_file=pid_file)
+        console = None
+        if wants_terminal(self.bundle):
+            # With a terminal, runc sends the pty master to this socket and the monitor copies
+            # the terminal's output into the stdout FIFO.
+            console = self._monitor.console_socket(self.id)
+            argv.insert(argv.index("create") + 1, f"--console-socket={console}")
         try:
             code, self.pid = await self._monitor.create(
                 self.id,
-                self.runtime.create_argv(self.id, self.bundle, pid_file=pid_file),
+                argv,
                 stdout=self.io_dir / "stdout",
                 stderr=self.io_dir / "stderr",
                 pid_file=pid_file,
+                console_socket=console,
             )
             if code != 0 or not self.pid:
                 raise self.runtime.create_error(self.id, self.bundle, code)
