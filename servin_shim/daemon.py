@@ -128,7 +128,7 @@ async def serve(settings: Settings) -> int:
         metadata=metadata,
         reaper=reaper,
         monitor=monitor,
-        netns=NetworkNamespaces(settings.state_dir / "netns", reaper),
+        netns=NetworkNamespaces(settings.state_dir / "netns"),
         images=images,
         runtimes=runtimes,
         default_handler=default_handler,

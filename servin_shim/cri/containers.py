@@ -200,11 +200,11 @@ class ContainerManager:
             latest = ctx.metadata.get_container(record.id)
             if latest.state == CONTAINER_CREATED:
                 record.state = CONTAINER_RUNNING
-                record.started_at = now_ns()
+                record.started_at = shim.started_at
                 ctx.metadata.save_container(record)
             else:
                 latest.pid = record.pid
-                latest.started_at = latest.started_at or now_ns()
+                latest.started_at = min(shim.started_at, latest.finished_at)
                 ctx.metadata.save_container(latest)
         log.info("started container id=%s pid=%d", record.id, record.pid)
 

@@ -150,11 +150,11 @@ class SandboxManager:
             record.netns_path = str(await ctx.netns.create(record.id))
 
         if not host_ipc:
+            # The sandbox id is new, so nothing is mounted here yet.
             shm = volatile / "shm"
             shm.mkdir(exist_ok=True)
-            if not rootfs.is_mountpoint(shm):
-                rootfs.mount("shm", shm, "tmpfs", rootfs.MS_NOSUID | rootfs.MS_NODEV,
-                             f"mode=1777,size={SHM_SIZE}")
+            rootfs.mount("shm", shm, "tmpfs", rootfs.MS_NOSUID | rootfs.MS_NODEV,
+                         f"mode=1777,size={SHM_SIZE}")
 
         bundle = volatile / "bundle"
         spec = await self._infra_spec(record, bundle, linux.security_context)

@@ -68,6 +68,8 @@ class ContainerShim:
         self.log_path = log_path
         self.runtime = runtime
         self.pid = 0
+        #: Wall-clock time (ns) just before ``runtime start``; 0 until then.
+        self.started_at = 0
         self._monitor = monitor
         self._on_exit = on_exit
         # Runs after the exit and before ``runtime delete`` removes the cgroup, whose OOM
@@ -111,6 +113,9 @@ class ContainerShim:
             raise
         self._exited = self._monitor.wait_exit(self.id)
         self._task = loop.create_task(self._watch(), name=f"shim-{self.id[:12]}")
+        # Taken before the start: the monitor stamps an exit with its own clock, possibly
+        # before ``runtime start`` has even returned here.
+        self.started_at = time.time_ns()
         try:
             await self.runtime.start(self.id, bundle=self.bundle)
         except BaseException:

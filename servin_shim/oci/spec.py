@@ -178,13 +178,15 @@ def image_env(env: list[str] | None) -> list[str]:
 
 
 def write_spec(bundle: Path, spec: dict[str, Any]) -> None:
-    """Write config.json atomically, so a crash never leaves a truncated bundle."""
+    """Write config.json atomically, so a daemon crash never leaves a truncated bundle.
+
+    There is no fsync: bundles live in the volatile state directory, which a power loss empties
+    along with every container.
+    """
     bundle.mkdir(parents=True, exist_ok=True)
     tmp = bundle / "config.json.tmp"
     with open(tmp, "w") as f:
-        json.dump(spec, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+        json.dump(spec, f, separators=(",", ":"))
     tmp.replace(bundle / "config.json")
 
 
