@@ -3,6 +3,10 @@
 Finished blobs live at ``blobs/sha256/<hex>``; downloads in progress live in ``ingest/``. A blob
 reaches its final name only through ``BlobWriter.commit``, which checks size and digest, fsyncs
 and renames, so a file under ``blobs/`` always matches its name.
+
+A ``BlobFollower`` reads a blob while it downloads, so a layer can be unpacked during its
+download. What it reads is not verified yet: its user must discard the result unless the
+download commits.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +104,9 @@ class BlobWriter:
         store.ingest_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.temp_path, "xb")  # noqa: SIM115 - closed in commit/abort
         self._done = False
+        self._followers = list(store.followers(digest))
+        for follower in self._followers:
+            follower.attach(self.temp_path)
 
     def write(self, chunk: bytes) -> None:
         """Append ``chunk``, raising FailedPrecondition once the blob grows past its size."""
@@ -110,6 +118,11 @@ class BlobWriter:
         self._file.write(chunk)
         self._hash.update(chunk)
         self.written += len(chunk)
+        if self._followers:
+            # A follower reads the file with its own fd, so the bytes must leave our buffer.
+            self._file.flush()
+            for follower in self._followers:
+                follower.advance(self.written)
 
     def reset(self) -> None:
         """Discard what was written, for a download that starts again from byte 0."""
@@ -117,6 +130,8 @@ class BlobWriter:
         self._file.truncate()
         self._hash = hashlib.sha256()
         self.written = 0
+        for follower in self._followers:
+            follower.attach(self.temp_path)
 
     def commit(self) -> Path:
         """Verify size and digest, then fsync and rename the blob to its final path."""
@@ -137,6 +152,8 @@ class BlobWriter:
         final = self.store.path(self.digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.temp_path, final)
+        for follower in self._followers:
+            follower.committed(final)
         _fsync_dir(final.parent)
         self._done = True
         log.debug("blob committed digest=%s size=%d", self.digest, self.size)
@@ -162,10 +179,124 @@ class BlobWriter:
         self.abort()
 
 
+class BlobFollower:
+    """Reader of one blob that may still be downloading, for a worker thread.
+
+    ``read`` returns bytes as soon as a ``BlobWriter`` of the same digest has written them,
+    and blocks until then. A writer that starts the blob over (a new writer after a failed
+    endpoint, or a server that ignored a Range request) makes ``read`` raise BlobRestarted
+    once, after which reading starts again at byte 0. The service calls ``finish`` after the
+    download committed (or found the blob present) and ``fail`` when it gave up.
+    """
+
+    def __init__(self, store: ContentStore, digest: str, size: int) -> None:
+        self.store = store
+        self.digest = digest
+        self.size = size
+        self._cond = threading.Condition()
+        self._path: Path | None = None
+        self._generation = 0
+        self._written = 0
+        self._complete = False
+        self._error: str | None = None
+        # Reader state, used only by the one reading thread.
+        self._fd: int | None = None
+        self._read_generation = -1
+        self._offset = 0
+
+    # --- writer side (event loop thread) ---
+
+    def attach(self, path: Path) -> None:
+        """Start following a new partial file from byte 0."""
+        with self._cond:
+            self._generation += 1
+            self._path = path
+            self._written = 0
+            self._cond.notify_all()
+
+    def advance(self, written: int) -> None:
+        with self._cond:
+            self._written = written
+            self._cond.notify_all()
+
+    def committed(self, final: Path) -> None:
+        """Record that the followed file was verified and renamed to ``final``."""
+        with self._cond:
+            self._path = final
+            self._written = self.size
+            self._complete = True
+            self._cond.notify_all()
+
+    def finish(self) -> None:
+        """Mark the blob complete in the store, for a download that no followed writer did."""
+        with self._cond:
+            if self._complete:
+                return
+            self._generation += 1
+            self._path = self.store.path(self.digest)
+            self._written = self.size
+            self._complete = True
+            self._cond.notify_all()
+
+    def fail(self, reason: str) -> None:
+        """Make ``read`` raise FailedPrecondition with ``reason`` from now on."""
+        with self._cond:
+            self._error = reason
+            self._cond.notify_all()
+
+    # --- reader side (worker thread) ---
+
+    def read(self, size: int) -> bytes:
+        """Return up to ``size`` bytes at the read position, b"" at the end of the blob."""
+        with self._cond:
+            while True:
+                if self._error is not None:
+                    raise FailedPrecondition(self._error)
+                if self._path is not None and self._read_generation != self._generation:
+                    restarted = self._offset > 0
+                    self._close_fd()
+                    self._read_generation = self._generation
+                    if restarted:
+                        raise BlobRestarted(f"download of blob {self.digest} started over")
+                if self._path is not None and self._fd is None:
+                    try:
+                        self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        # The writer is renaming the file; committed() names the new path.
+                        self._cond.wait(0.05)
+                        continue
+                if self._fd is not None and self._offset < self._written:
+                    count = min(size, self._written - self._offset)
+                    fd, offset = self._fd, self._offset
+                    break
+                if self._fd is not None and self._complete:
+                    return b""
+                self._cond.wait(1.0)
+        data = os.pread(fd, count, offset)
+        self._offset += len(data)
+        return data
+
+    def close(self) -> None:
+        """Close the reader's file; call it from the reading thread when done."""
+        with self._cond:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._offset = 0
+
+
+class BlobRestarted(Exception):
+    """The followed download started over from byte 0, so the reader must start over too."""
+
+
 class ContentStore:
     """Content-addressed store of blobs (manifests, configs, compressed layers)."""
 
     def __init__(self, root: Path) -> None:
+        self._followers: dict[str, list[BlobFollower]] = {}
         self.root = root / "content"
         self.blobs_dir = self.root / "blobs" / "sha256"
         self.ingest_dir = self.root / "ingest"
@@ -190,6 +321,22 @@ class ContentStore:
             return self.path(digest).stat().st_size
         except FileNotFoundError:
             raise NotFound(f"blob {digest} not found in the content store") from None
+
+    def follow(self, digest: str, size: int) -> BlobFollower:
+        """Register a follower that sees every writer of ``digest`` until ``unfollow``."""
+        follower = BlobFollower(self, digest, size)
+        self._followers.setdefault(digest, []).append(follower)
+        return follower
+
+    def unfollow(self, follower: BlobFollower) -> None:
+        followers = self._followers.get(follower.digest, [])
+        if follower in followers:
+            followers.remove(follower)
+        if not followers:
+            self._followers.pop(follower.digest, None)
+
+    def followers(self, digest: str) -> list[BlobFollower]:
+        return self._followers.get(digest, [])
 
     def writer(self, digest: str, size: int) -> BlobWriter:
         """Open a writer for a blob with a known digest and size."""

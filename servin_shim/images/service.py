@@ -5,8 +5,11 @@ together. It speaks plain Python and pydantic types; the CRI layer maps them to 
 
 Pull pipeline: resolve the reference to a platform manifest on the first endpoint that serves
 it (mirrors in order, then the registry unless ``skip_upstream``), and store manifest and
-config. Then start all layer downloads, at most ``parallel_pulls`` at a time across the daemon.
-Unpack the layers bottom first as each download completes, and finally write the image record.
+config. Then start all layer downloads, at most ``parallel_pulls`` at a time across the daemon,
+and unpack each layer while it downloads, all layers at once, each in its own thread. A layer
+waits for the layers below it only when it hardlinks to one of their files. The snapshot is
+renamed into place only after both its blob digest and its diff ID check out. Finally write the
+image record.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import builtins
 import logging
 import re
+import threading
 import time
 import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -46,7 +50,7 @@ from servin_shim.images.reference import (
 )
 from servin_shim.images.registry import Descriptor, Platform, RegistryClient, ResolvedImage
 from servin_shim.images.store import DIGEST, TAG, ImageRecord, ImageStore
-from servin_shim.images.unpack import SnapshotStore, chain_ids
+from servin_shim.images.unpack import SnapshotStore, UnpackStopped, chain_ids
 from servin_shim.state.db import Database
 
 log = logging.getLogger(__name__)
@@ -93,6 +97,37 @@ class Endpoint:
         url = httpx.URL(text if "://" in text else f"//{text}")
         scheme = url.scheme if url.scheme in ("http", "https") else None
         return cls(url.netloc.decode(), scheme, True)
+
+
+class _LayerBarrier:
+    """Completion of each layer of one pull, for unpack threads that need the layers below."""
+
+    def __init__(self, count: int) -> None:
+        self._done = [threading.Event() for _ in range(count)]
+        self._paths: list[Path | None] = [None] * count
+        self._aborted = False
+
+    def finish(self, index: int, fs: Path | None) -> None:
+        """Record the snapshot fs of layer ``index``, or None when it failed."""
+        self._paths[index] = fs
+        self._done[index].set()
+
+    def abort(self) -> None:
+        """Wake every waiter; layers not finished by now count as failed."""
+        self._aborted = True
+        for event in self._done:
+            event.set()
+
+    def wait_below(self, index: int) -> list[Path]:
+        """Block until the layers below ``index`` are unpacked; return their fs dirs, top first."""
+        lowers: list[Path] = []
+        for lower in range(index - 1, -1, -1):
+            self._done[lower].wait()
+            path = self._paths[lower]
+            if path is None:
+                raise UnpackStopped(f"layer {lower} failed, so layer {index} cannot finish")
+            lowers.append(path)
+        return lowers
 
 
 class _SharedPull:
@@ -384,45 +419,94 @@ class ImageService:
         chains: list[str],
         progress: PullProgress,
     ) -> None:
-        """Download layers concurrently and unpack them bottom first as they arrive."""
-        downloads = [
+        """Download and unpack all layers at once; the first failure stops the others."""
+        barrier = _LayerBarrier(len(layers))
+        tasks = [
             asyncio.create_task(
-                self._fetch_layer_blob(client, reference.repository, layer, chain, progress)
+                self._fetch_layer(
+                    client,
+                    reference,
+                    index,
+                    layer,
+                    diff_ids[index],
+                    chains[index],
+                    barrier,
+                    progress,
+                )
             )
-            for layer, chain in zip(layers, chains, strict=True)
+            for index, layer in enumerate(layers)
         ]
         try:
-            lowers: list[Path] = []  # fs dirs of the layers unpacked so far, top first
-            for index, layer in enumerate(layers):
-                await downloads[index]
-                chain = chains[index]
-                async with self._lock(f"snapshot:{chain}"):
+            await asyncio.gather(*tasks)
+        finally:
+            barrier.abort()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _fetch_layer(
+        self,
+        client: RegistryClient,
+        reference: Reference,
+        index: int,
+        layer: Descriptor,
+        diff_id: str,
+        chain: str,
+        barrier: _LayerBarrier,
+        progress: PullProgress,
+    ) -> None:
+        fs: Path | None = None
+        try:
+            async with self._lock(f"snapshot:{chain}"):
+                # A layer whose snapshot exists needs no download at all.
+                if self.snapshots.has(chain):
+                    fs = self.snapshots.fs(chain)
+                elif self.content.has(layer.digest):
                     fs = await self.snapshots.unpack(
                         chain,
                         self.content.path(layer.digest),
-                        diff_ids[index],
-                        lowers,
+                        diff_id,
+                        lambda: barrier.wait_below(index),
                         on_entry=progress.touch,
                     )
-                lowers.insert(0, fs)
-                progress.layer_done()
+                else:
+                    fs = await self._stream_layer(
+                        client, reference, index, layer, diff_id, chain, barrier, progress
+                    )
         finally:
-            for task in downloads:
-                task.cancel()
-            await asyncio.gather(*downloads, return_exceptions=True)
+            barrier.finish(index, fs)
+        progress.layer_done()
 
-    async def _fetch_layer_blob(
+    async def _stream_layer(
         self,
         client: RegistryClient,
-        repository: str,
+        reference: Reference,
+        index: int,
         layer: Descriptor,
+        diff_id: str,
         chain: str,
+        barrier: _LayerBarrier,
         progress: PullProgress,
-    ) -> None:
-        # A layer whose snapshot exists needs no download at all.
-        if self.snapshots.has(chain):
-            return
-        await self._fetch_blob(client, repository, layer, progress)
+    ) -> Path:
+        """Unpack a layer while it downloads, and keep the snapshot only if the blob checks out."""
+        follower = self.content.follow(layer.digest, layer.size)
+        unpack = asyncio.create_task(
+            self.snapshots.unpack(
+                chain, follower, diff_id, lambda: barrier.wait_below(index), progress.touch
+            )
+        )
+        try:
+            await self._fetch_blob(client, reference.repository, layer, progress)
+            follower.finish()
+        except BaseException:
+            # The unpack thread may wait for bytes that will never come.
+            follower.fail(f"download of blob {layer.digest} failed")
+            unpack.cancel()
+            await asyncio.gather(unpack, return_exceptions=True)
+            raise
+        finally:
+            self.content.unfollow(follower)
+        return await unpack
 
     async def _fetch_blob(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import stat
 import tarfile
@@ -10,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from servin_shim.errors import FailedPrecondition, InvalidArgument
+from servin_shim.images.content import ContentStore
 from servin_shim.images.unpack import SnapshotStore, apply_layer, chain_ids
-from tests.support.imagebuild import EPOCH, Layer, LayerBuilder, sha256
+from tests.support.imagebuild import EPOCH, Layer, LayerBuilder, make_layer, sha256
 
 
 def unpack(
@@ -211,4 +214,64 @@ def test_crash_leftovers_cleaned(tmp_path: Path) -> None:
     store = SnapshotStore(tmp_path)
     (store.dir / "tmp-abc-1234" / "fs").mkdir(parents=True)
     SnapshotStore(tmp_path).clean_temp()
+    assert list(store.dir.iterdir()) == []
+
+
+def test_empty_layer_unpacks(tmp_path: Path) -> None:
+    fs = unpack(tmp_path, make_layer(bytes(1024), "gzip"))
+    assert os.listdir(fs) == []
+
+
+def test_gnu_long_names_unpack(tmp_path: Path) -> None:
+    name = "d/" + "n" * 150
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        info = tarfile.TarInfo(name)
+        info.size = 2
+        archive.addfile(info, io.BytesIO(b"ok"))
+        link = tarfile.TarInfo("l")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "t" * 150
+        archive.addfile(link)
+    fs = unpack(tmp_path, make_layer(buffer.getvalue(), "zstd"))
+    assert (fs / name).read_bytes() == b"ok"
+    assert os.readlink(fs / "l") == "t" * 150
+
+
+def test_truncated_layer_rejected(tmp_path: Path) -> None:
+    layer = LayerBuilder().add_file("f", b"x" * 5000).build("none")
+    blob = tmp_path / "blob"
+    blob.write_bytes(layer.blob.data[:1500])
+    (tmp_path / "fs").mkdir()
+    with pytest.raises(InvalidArgument) as error:
+        apply_layer(blob, tmp_path / "fs", [])
+    assert "truncated" in str(error.value)
+
+
+async def test_follower_unpacks_while_written(tmp_path: Path) -> None:
+    layer = LayerBuilder().add_file("a/b", b"data" * 10000).build()
+    content = ContentStore(tmp_path)
+    store = SnapshotStore(tmp_path)
+    follower = content.follow(layer.blob.digest, layer.blob.size)
+    unpack_task = asyncio.create_task(store.unpack(layer.diff_id, follower, layer.diff_id, []))
+    with content.writer(layer.blob.digest, layer.blob.size) as writer:
+        half = layer.blob.size // 2
+        writer.write(layer.blob.data[:half])
+        await asyncio.sleep(0.05)
+        writer.reset()  # a server that ignored Range: the unpack must start over
+        writer.write(layer.blob.data)
+        writer.commit()
+    fs = await asyncio.wait_for(unpack_task, 10)
+    assert (fs / "a/b").read_bytes() == b"data" * 10000
+
+
+async def test_follower_failure_discards(tmp_path: Path) -> None:
+    layer = LayerBuilder().add_file("f", b"x").build()
+    store = SnapshotStore(tmp_path)
+    follower = ContentStore(tmp_path).follow(layer.blob.digest, layer.blob.size)
+    unpack_task = asyncio.create_task(store.unpack(layer.diff_id, follower, layer.diff_id, []))
+    await asyncio.sleep(0.05)
+    follower.fail("download failed")
+    with pytest.raises(FailedPrecondition):
+        await asyncio.wait_for(unpack_task, 10)
     assert list(store.dir.iterdir()) == []
