@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from servin_shim.api.runtime import v1 as cri
 from servin_shim.cri.context import RuntimeContext
+from servin_shim.images.content import tree_usage
 from servin_shim.oci import cgroups
 from servin_shim.oci import resources as ociresources
 from servin_shim.oci import spec as ocispec
@@ -61,34 +61,6 @@ def _read_keyed(path: Path) -> dict[str, int]:
 
 def _u64(value: int | None) -> cri.UInt64Value | None:
     return cri.UInt64Value(value=max(value, 0)) if value is not None else None
-
-
-def _directory_usage(path: Path) -> tuple[int, int]:
-    """Return bytes and inodes used under ``path``, counting hard links once."""
-    seen: set[tuple[int, int]] = set()
-    used = inodes = 0
-    stack = [str(path)]
-    while stack:
-        current = stack.pop()
-        try:
-            entries = os.scandir(current)
-        except OSError:
-            continue
-        with entries:
-            for entry in entries:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    continue
-                seen.add(key)
-                inodes += 1
-                used += st.st_blocks * 512
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-    return used, inodes
 
 
 class StatsCollector:
@@ -159,8 +131,8 @@ class StatsCollector:
         now = time.monotonic()
         cached = self._layers.get(record.id)
         if cached is None or now - cached[0] > LAYER_USAGE_TTL:
-            used, inodes = await asyncio.to_thread(_directory_usage, upper)
-            cached = (now, used, inodes)
+            usage = await asyncio.to_thread(tree_usage, upper)
+            cached = (now, usage.used_bytes, usage.inodes_used)
             self._layers[record.id] = cached
         return cri.FilesystemUsage(
             timestamp=time.time_ns(),

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from servin_shim.errors import ServinError
-from servin_shim.images.unpack import OPAQUE_XATTR
+from servin_shim.images.unpack import OPAQUE_XATTR, lstat_or_none, remove_path
 from servin_shim.oci.rootfs import mount_overlay, unmount
 
 log = logging.getLogger(__name__)
@@ -103,18 +103,18 @@ def _merge_layer(layer: Path, target: Path, dir_sources: dict[Path, Path]) -> No
         dest_dir = target / source_dir.relative_to(layer)
         if source_dir != layer and _is_opaque(source_dir):
             for child in list(dest_dir.iterdir()):
-                _remove(child)
+                remove_path(child)
         for name in dirnames + filenames:
             source = source_dir / name
             dest = dest_dir / name
             st = os.lstat(source)
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                _remove(dest)  # an overlay whiteout
+                remove_path(dest)  # an overlay whiteout
                 continue
-            existing = _lstat(dest)
+            existing = lstat_or_none(dest)
             if stat.S_ISDIR(st.st_mode):
                 if existing is not None and not stat.S_ISDIR(existing.st_mode):
-                    _remove(dest)
+                    remove_path(dest)
                     existing = None
                 if existing is None:
                     dest.mkdir()
@@ -122,7 +122,7 @@ def _merge_layer(layer: Path, target: Path, dir_sources: dict[Path, Path]) -> No
                 dir_sources[dest] = source
                 continue
             if existing is not None:
-                _remove(dest)
+                remove_path(dest)
             _copy_entry(source, dest, st, links)
         # os.walk lists symlinks to directories as directories; never descend into them.
         dirnames[:] = [d for d in dirnames if not (source_dir / d).is_symlink()]
@@ -172,20 +172,3 @@ def _is_opaque(directory: Path) -> bool:
         if exc.errno in (errno.ENODATA, errno.ENOTSUP):
             return False
         raise
-
-
-def _lstat(path: Path) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
-
-
-def _remove(path: Path) -> None:
-    st = _lstat(path)
-    if st is None:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        path.unlink()

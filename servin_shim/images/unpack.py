@@ -215,7 +215,7 @@ def apply_layer(
         except BlobRestarted:
             log.info("layer download started over, unpacking again dest=%s", dest)
             for child in os.listdir(dest):
-                _remove(dest / child)
+                remove_path(dest / child)
 
 
 def _apply_stream(
@@ -492,7 +492,7 @@ class _LayerApplier:
         parts = rel.split("/")
         for index, part in enumerate(parts):
             current = current / part
-            st = _lstat(current)
+            st = lstat_or_none(current)
             if st is None:
                 return None
             if index < len(parts) - 1 and stat.S_ISLNK(st.st_mode):
@@ -520,15 +520,16 @@ class _LayerApplier:
                 os.setxattr(target, name, value, follow_symlinks=False)
 
 
-def _lstat(path: Path) -> os.stat_result | None:
+def lstat_or_none(path: Path) -> os.stat_result | None:
     try:
         return os.lstat(path)
     except FileNotFoundError:
         return None
 
 
-def _remove(path: Path) -> None:
-    st = _lstat(path)
+def remove_path(path: Path) -> None:
+    """Remove a file, link or directory tree; a missing path is fine."""
+    st = lstat_or_none(path)
     if st is None:
         return
     if stat.S_ISDIR(st.st_mode):

@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Self
 
 from servin_shim.api.runtime import v1 as cri
+
+if TYPE_CHECKING:
+    from tests.support.daemon import Daemon
 
 
 def sandbox_config(name: str = "pod", log_directory: Path | None = None,
@@ -58,3 +63,36 @@ async def run_container(daemon_runtime: cri.RuntimeServiceStub, sandbox_id: str,
     await daemon_runtime.start_container(
         cri.StartContainerRequest(container_id=created.container_id))
     return created.container_id
+
+
+@dataclass
+class Pod:
+    """A ready pod sandbox in a test daemon, with the image its containers run."""
+
+    daemon: Daemon
+    image: str
+    sandbox_id: str
+    config: cri.PodSandboxConfig
+
+    @classmethod
+    async def start(cls, daemon: Daemon, image: str, name: str) -> Self:
+        """Pull ``image`` and run a sandbox whose container logs go to ``daemon.logs``."""
+        await daemon.images.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
+        config = sandbox_config(name, log_directory=daemon.logs)
+        run = await daemon.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
+        return cls(daemon, image, run.pod_sandbox_id, config)
+
+    async def run_config(self, config: cri.ContainerConfig, *, wait_running: bool = False) -> str:
+        """Create and start a container; optionally wait until it reports RUNNING."""
+        container_id = await run_container(self.daemon.runtime, self.sandbox_id, self.config,
+                                           config)
+        if wait_running:
+            await wait_for_state(self.daemon.runtime, container_id,
+                                 cri.ContainerState.CONTAINER_RUNNING)
+        return container_id
+
+    async def run(self, name: str, script: str, *, wait_running: bool = False) -> str:
+        """Run ``sh -c script`` in a container that logs to ``<name>.log``."""
+        config = container_config(self.image, name, command=["sh", "-c", script],
+                                  log_path=f"{name}.log")
+        return await self.run_config(config, wait_running=wait_running)

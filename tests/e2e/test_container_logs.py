@@ -6,7 +6,6 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from servin_shim.api.runtime import v1 as cri
-from tests.e2e.helpers import container_config, run_container, sandbox_config, wait_for_state
+from tests.e2e.helpers import Pod, wait_for_state
 from tests.support.daemon import Daemon
 
 RECORD = re.compile(rb"^(\S+) (stdout|stderr) ([PF]) (.*)$")
@@ -37,29 +36,9 @@ def numbers(*paths: Path) -> list[int]:
     return [int(text) for path in paths for _, _, text in records(path)]
 
 
-@dataclass
-class Pod:
-    daemon: Daemon
-    image: str
-    sandbox_id: str
-    config: cri.PodSandboxConfig
-
-    async def run(self, name: str, script: str) -> str:
-        config = container_config(self.image, name, command=["sh", "-c", script],
-                                  log_path=f"{name}.log")
-        return await run_container(self.daemon.runtime, self.sandbox_id, self.config, config)
-
-
-async def make_pod(daemon: Daemon, image: str) -> Pod:
-    await daemon.images.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
-    config = sandbox_config("logs", log_directory=daemon.logs)
-    run = await daemon.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
-    return Pod(daemon, image, run.pod_sandbox_id, config)
-
-
 @pytest.fixture
 async def pod(daemon: Daemon, busybox_ref: str) -> AsyncIterator[Pod]:
-    yield await make_pod(daemon, busybox_ref)
+    yield await Pod.start(daemon, busybox_ref, "logs")
 
 
 async def wait_for_lines(path: Path, count: int) -> None:
@@ -114,7 +93,7 @@ async def test_long_line_splits_into_partials(pod: Pod) -> None:
 
 async def test_daemon_rotates_logs_by_size(busybox_ref: str) -> None:
     with Daemon({"container": {"logMaxSize": "1KiB", "logMaxFiles": 3}}) as daemon:
-        pod = await make_pod(daemon, busybox_ref)
+        pod = await Pod.start(daemon, busybox_ref, "logs")
         container_id = await pod.run("rotated", "seq 0 199")
         await wait_for_state(daemon.runtime, container_id, cri.ContainerState.CONTAINER_EXITED)
 

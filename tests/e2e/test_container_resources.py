@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,27 +12,18 @@ from grpclib.exceptions import GRPCError
 
 from servin_shim.api.runtime import v1 as cri
 from servin_shim.oci import cgroups
-from tests.e2e.helpers import container_config, run_container, sandbox_config, wait_for_state
+from tests.e2e.helpers import Pod, container_config, run_container, wait_for_state
 from tests.support.daemon import Daemon
 
 MIB = 1024 * 1024
 
 
-@dataclass
-class Pod:
-    daemon: Daemon
-    image: str
-    sandbox_id: str
-    config: cri.PodSandboxConfig
+class ResourcePod(Pod):
+    """A pod with helpers to update and inspect a container's resources."""
 
-    async def run(self, name: str, script: str) -> str:
-        config = container_config(self.image, name, command=["sh", "-c", script],
-                                  log_path=f"{name}.log")
-        container_id = await run_container(self.daemon.runtime, self.sandbox_id, self.config,
-                                           config)
-        await wait_for_state(self.daemon.runtime, container_id,
-                             cri.ContainerState.CONTAINER_RUNNING)
-        return container_id
+    async def run(self, name: str, script: str, *, wait_running: bool = True) -> str:
+        """Run ``sh -c script`` and wait until it runs, so its cgroup exists."""
+        return await super().run(name, script, wait_running=wait_running)
 
     async def update(self, container_id: str, **fields: object) -> None:
         await self.daemon.runtime.update_container_resources(cri.UpdateContainerResourcesRequest(
@@ -56,15 +46,12 @@ class Pod:
 
 
 @pytest.fixture
-async def pod(daemon: Daemon, busybox_ref: str) -> AsyncIterator[Pod]:
-    await daemon.images.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_ref)))
-    config = sandbox_config("resources", log_directory=daemon.logs)
-    run = await daemon.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
-    yield Pod(daemon, busybox_ref, run.pod_sandbox_id, config)
+async def pod(daemon: Daemon, busybox_ref: str) -> AsyncIterator[ResourcePod]:
+    yield await ResourcePod.start(daemon, busybox_ref, "resources")
 
 
 @pytest.mark.skipif(cgroups.is_unified(), reason="reads cgroup v1 files")
-async def test_update_applies_to_cgroup(pod: Pod) -> None:
+async def test_update_applies_to_cgroup(pod: ResourcePod) -> None:
     container_id = await pod.run("limited", "sleep 3600")
 
     await pod.update(container_id, memory_limit_in_bytes=64 * MIB, cpu_period=100000,
@@ -78,7 +65,7 @@ async def test_update_applies_to_cgroup(pod: Pod) -> None:
     assert int(shares.read_text()) == 512
 
 
-async def test_update_shows_in_status(pod: Pod) -> None:
+async def test_update_shows_in_status(pod: ResourcePod) -> None:
     container_id = await pod.run("reported", "sleep 3600")
 
     await pod.update(container_id, memory_limit_in_bytes=64 * MIB, cpu_shares=256)
@@ -93,7 +80,7 @@ async def test_update_shows_in_status(pod: Pod) -> None:
     assert linux.cpu_quota == 20000
 
 
-async def test_update_reaches_bundle_spec(pod: Pod) -> None:
+async def test_update_reaches_bundle_spec(pod: ResourcePod) -> None:
     container_id = await pod.run("spec", "sleep 3600")
 
     await pod.update(container_id, memory_limit_in_bytes=48 * MIB)
@@ -103,7 +90,7 @@ async def test_update_reaches_bundle_spec(pod: Pod) -> None:
     assert spec["linux"]["resources"]["memory"]["limit"] == 48 * MIB
 
 
-async def test_update_of_exited_container_fails(pod: Pod) -> None:
+async def test_update_of_exited_container_fails(pod: ResourcePod) -> None:
     config = container_config(pod.image, "gone", command=["true"])
     container_id = await run_container(pod.daemon.runtime, pod.sandbox_id, pod.config, config)
     await wait_for_state(pod.daemon.runtime, container_id, cri.ContainerState.CONTAINER_EXITED)
@@ -114,14 +101,14 @@ async def test_update_of_exited_container_fails(pod: Pod) -> None:
     assert caught.value.status == Status.FAILED_PRECONDITION
 
 
-async def test_update_of_unknown_container_fails(pod: Pod) -> None:
+async def test_update_of_unknown_container_fails(pod: ResourcePod) -> None:
     with pytest.raises(GRPCError) as caught:
         await pod.update("e" * 64, memory_limit_in_bytes=64 * MIB)
 
     assert caught.value.status == Status.NOT_FOUND
 
 
-async def test_memory_hog_is_oom_killed(pod: Pod) -> None:
+async def test_memory_hog_is_oom_killed(pod: ResourcePod) -> None:
     # The container waits for its limit, then keeps 100 MiB without newlines in tail's buffer.
     container_id = await pod.run(
         "hog", "while [ ! -e /tmp/go ]; do usleep 20000; done; head -c 100m /dev/zero | tail")
@@ -136,7 +123,7 @@ async def test_memory_hog_is_oom_killed(pod: Pod) -> None:
     assert status.exit_code == 128 + 9
 
 
-async def test_error_exit_reason(pod: Pod) -> None:
+async def test_error_exit_reason(pod: ResourcePod) -> None:
     config = container_config(pod.image, "fails", command=["sh", "-c", "exit 3"])
     container_id = await run_container(pod.daemon.runtime, pod.sandbox_id, pod.config, config)
 

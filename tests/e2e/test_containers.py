@@ -3,34 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
 
 from servin_shim.api.runtime import v1 as cri
-from tests.e2e.helpers import container_config, run_container, sandbox_config, wait_for_state
+from tests.e2e.helpers import Pod, container_config, run_container, wait_for_state
 from tests.support.daemon import Daemon
-
-
-@dataclass
-class Pod:
-    daemon: Daemon
-    image: str
-    sandbox_id: str
-    config: cri.PodSandboxConfig
-
-    async def run(self, name: str, script: str) -> str:
-        config = container_config(self.image, name, command=["sh", "-c", script],
-                                  log_path=f"{name}.log")
-        return await run_container(self.daemon.runtime, self.sandbox_id, self.config, config)
 
 
 @pytest.fixture
 async def pod(daemon: Daemon, busybox_ref: str) -> AsyncIterator[Pod]:
-    await daemon.images.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_ref)))
-    config = sandbox_config("containers", log_directory=daemon.logs)
-    run = await daemon.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
-    yield Pod(daemon, busybox_ref, run.pod_sandbox_id, config)
+    yield await Pod.start(daemon, busybox_ref, "containers")
 
 
 async def test_exit_code_zero_is_completed(pod: Pod) -> None:

@@ -4,36 +4,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from servin_shim.api.runtime import v1 as cri
-from tests.e2e.helpers import container_config, run_container, sandbox_config, wait_for_state
+from tests.e2e.helpers import Pod, container_config, run_container, wait_for_state
 from tests.support.daemon import Daemon
 
 MIB = 1024 * 1024
 
 
-@dataclass
-class Pod:
-    daemon: Daemon
-    image: str
-    sandbox_id: str
-    config: cri.PodSandboxConfig
-
-    async def run(self, config: cri.ContainerConfig) -> str:
-        container_id = await run_container(self.daemon.runtime, self.sandbox_id, self.config,
-                                           config)
-        await wait_for_state(self.daemon.runtime, container_id,
-                             cri.ContainerState.CONTAINER_RUNNING)
-        return container_id
+class ExecPod(Pod):
+    """A pod with helpers to start a long-running container and exec into it."""
 
     async def sleeper(self, name: str = "sleeper", **options: object) -> str:
         config = container_config(self.image, name, command=["sleep", "3600"], **options)
-        return await self.run(config)
+        return await self.run_config(config, wait_running=True)
 
     async def exec(self, container_id: str, script: str, timeout: int = 10) -> cri.ExecSyncResponse:
         return await self.daemon.runtime.exec_sync(cri.ExecSyncRequest(
@@ -41,14 +29,11 @@ class Pod:
 
 
 @pytest.fixture
-async def pod(daemon: Daemon, busybox_ref: str) -> AsyncIterator[Pod]:
-    await daemon.images.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_ref)))
-    config = sandbox_config("exec", log_directory=daemon.logs)
-    run = await daemon.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
-    yield Pod(daemon, busybox_ref, run.pod_sandbox_id, config)
+async def pod(daemon: Daemon, busybox_ref: str) -> AsyncIterator[ExecPod]:
+    yield await ExecPod.start(daemon, busybox_ref, "exec")
 
 
-async def test_exec_returns_output_and_code(pod: Pod) -> None:
+async def test_exec_returns_output_and_code(pod: ExecPod) -> None:
     container_id = await pod.sleeper()
 
     reply = await pod.exec(container_id, "echo out; echo err >&2; exit 3")
@@ -58,7 +43,7 @@ async def test_exec_returns_output_and_code(pod: Pod) -> None:
     assert reply.exit_code == 3
 
 
-async def test_exec_signal_exit_code(pod: Pod) -> None:
+async def test_exec_signal_exit_code(pod: ExecPod) -> None:
     container_id = await pod.sleeper()
 
     reply = await pod.exec(container_id, "kill -9 $$")
@@ -66,7 +51,7 @@ async def test_exec_signal_exit_code(pod: Pod) -> None:
     assert reply.exit_code == 128 + 9
 
 
-async def test_exec_inherits_env_and_cwd(pod: Pod) -> None:
+async def test_exec_inherits_env_and_cwd(pod: ExecPod) -> None:
     container_id = await pod.sleeper(envs={"GREETING": "hello"}, working_dir="/tmp")
 
     reply = await pod.exec(container_id, 'echo "$GREETING"; pwd')
@@ -74,18 +59,18 @@ async def test_exec_inherits_env_and_cwd(pod: Pod) -> None:
     assert reply.stdout == b"hello\n/tmp\n"
 
 
-async def test_exec_inherits_user(pod: Pod) -> None:
+async def test_exec_inherits_user(pod: ExecPod) -> None:
     config = container_config(pod.image, "user", command=["sleep", "3600"])
     config.linux = cri.LinuxContainerConfig(security_context=cri.LinuxContainerSecurityContext(
         run_as_user=cri.Int64Value(value=1234)))
-    container_id = await pod.run(config)
+    container_id = await pod.run_config(config, wait_running=True)
 
     reply = await pod.exec(container_id, "id -u")
 
     assert reply.stdout == b"1234\n"
 
 
-async def test_exec_timeout_kills_command(pod: Pod) -> None:
+async def test_exec_timeout_kills_command(pod: ExecPod) -> None:
     container_id = await pod.sleeper()
     started = time.monotonic()
 
@@ -98,7 +83,7 @@ async def test_exec_timeout_kills_command(pod: Pod) -> None:
     assert b"31337" not in listing.stdout
 
 
-async def test_exec_ignores_background_child(pod: Pod) -> None:
+async def test_exec_ignores_background_child(pod: ExecPod) -> None:
     container_id = await pod.sleeper()
     started = time.monotonic()
 
@@ -110,7 +95,7 @@ async def test_exec_ignores_background_child(pod: Pod) -> None:
     assert time.monotonic() - started < 5
 
 
-async def test_exec_caps_output_at_16_mib(pod: Pod) -> None:
+async def test_exec_caps_output_at_16_mib(pod: ExecPod) -> None:
     container_id = await pod.sleeper()
 
     reply = await pod.exec(container_id, "head -c 20m /dev/zero; echo tail >&2", timeout=30)
@@ -120,7 +105,7 @@ async def test_exec_caps_output_at_16_mib(pod: Pod) -> None:
     assert reply.exit_code == 0
 
 
-async def test_exec_missing_executable_fails(pod: Pod) -> None:
+async def test_exec_missing_executable_fails(pod: ExecPod) -> None:
     container_id = await pod.sleeper()
 
     with pytest.raises(GRPCError) as caught:
@@ -131,7 +116,7 @@ async def test_exec_missing_executable_fails(pod: Pod) -> None:
     assert "no-such-binary" in (caught.value.message or "")
 
 
-async def test_exec_unknown_container_not_found(pod: Pod) -> None:
+async def test_exec_unknown_container_not_found(pod: ExecPod) -> None:
     with pytest.raises(GRPCError) as caught:
         await pod.daemon.runtime.exec_sync(cri.ExecSyncRequest(
             container_id="0" * 64, cmd=["true"], timeout=5))
@@ -139,7 +124,7 @@ async def test_exec_unknown_container_not_found(pod: Pod) -> None:
     assert caught.value.status == Status.NOT_FOUND
 
 
-async def test_exec_exited_container_rejected(pod: Pod) -> None:
+async def test_exec_exited_container_rejected(pod: ExecPod) -> None:
     config = container_config(pod.image, "done", command=["true"])
     container_id = await run_container(pod.daemon.runtime, pod.sandbox_id, pod.config, config)
     await wait_for_state(pod.daemon.runtime, container_id, cri.ContainerState.CONTAINER_EXITED)
@@ -150,7 +135,7 @@ async def test_exec_exited_container_rejected(pod: Pod) -> None:
     assert caught.value.status == Status.FAILED_PRECONDITION
 
 
-async def test_exec_empty_command_rejected(pod: Pod) -> None:
+async def test_exec_empty_command_rejected(pod: ExecPod) -> None:
     container_id = await pod.sleeper()
 
     with pytest.raises(GRPCError) as caught:
