@@ -35,6 +35,7 @@ from servin_shim.oci.reaper import Reaper
 from servin_shim.oci.runtime import OCIRuntime
 from servin_shim.state import Database
 from servin_shim.state.metadata import MetadataStore
+from servin_shim.streaming import StreamingServer
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,13 @@ async def serve(settings: Settings) -> int:
         ),
     )
     service = CRIService(ctx)
+    # Like containerd's default stream server: loopback only, on a free port.
+    stream_server = StreamingServer(reaper, host="127.0.0.1", port=0)
+    service.streaming = stream_server
     await monitor.connect()
     await recover(service)
 
+    await stream_server.start()
     server = Server([service])
     old_umask = os.umask(0o117)
     try:
@@ -171,6 +176,7 @@ async def serve(settings: Settings) -> int:
         await asyncio.wait_for(
             asyncio.gather(*(srv.wait_closed() for srv in servers)), SHUTDOWN_GRACE
         )
+    await stream_server.stop()
     # Output that arrives from now on waits in the FIFOs for the next daemon.
     for shim in list(service.containers.shims.values()) + list(service.sandboxes.shims.values()):
         shim.detach()

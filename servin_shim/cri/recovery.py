@@ -24,6 +24,8 @@ from servin_shim.state.records import (
     CONTAINER_RUNNING,
     SANDBOX_NOTREADY,
     SANDBOX_READY,
+    ContainerRecord,
+    SandboxRecord,
 )
 
 if TYPE_CHECKING:
@@ -38,74 +40,89 @@ UNKNOWN_REASON = "Unknown"
 
 
 async def recover(service: CRIService) -> None:
+    """Adopt what still runs, record what ended, and remove what no record claims."""
     ctx = service.ctx
-    sandboxes = {r.id: r for r in ctx.metadata.sandboxes()}
-    containers = {r.id: r for r in ctx.metadata.containers()}
+    sandboxes = ctx.metadata.sandboxes()
+    containers = ctx.metadata.containers()
+    for sandbox in sandboxes:
+        if sandbox.state == SANDBOX_READY:
+            await _recover_sandbox(service, sandbox)
+    for container in containers:
+        if container.state == CONTAINER_RUNNING:
+            await _recover_container(service, container)
+    await _clean_leftovers(service, {s.id for s in sandboxes}, {c.id for c in containers})
 
-    for record in sandboxes.values():
-        if record.state != SANDBOX_READY:
-            continue
-        runtime = ctx.runtime(record.runtime_handler)
-        state = await runtime.state(record.id)
-        if state is not None and state.status == "running" and state.pid:
-            volatile = ctx.paths.sandbox_state_dir(record.id)
-            shim = ContainerShim(
-                record.id, bundle=volatile / "bundle", io_dir=volatile / "io", log_path=None,
-                runtime=runtime, monitor=ctx.monitor,
-                on_exit=lambda code, at, sid=record.id: service.sandboxes._infra_exited(sid, code),
-            )
-            shim.adopt(state.pid)
-            service.sandboxes.shims[record.id] = shim
-            log.info("adopted running pod sandbox id=%s infra_pid=%d", record.id, state.pid)
-        else:
-            record.state = SANDBOX_NOTREADY
-            ctx.metadata.save_sandbox(record)
-            ctx.monitor.forget(record.id)
-            log.warning("pod sandbox infra process is gone, marked not ready id=%s", record.id)
 
-    for record in containers.values():
-        if record.state != CONTAINER_RUNNING:
-            continue
-        runtime = ctx.runtime(record.runtime_handler)
-        state = await runtime.state(record.id)
-        if state is not None and state.status in ("running", "paused") and state.pid:
-            state_dir = ctx.paths.container_state_dir(record.id)
-            shim = ContainerShim(
-                record.id, bundle=state_dir / "bundle", io_dir=state_dir / "io",
-                log_path=Path(record.log_path) if record.log_path else None,
-                runtime=runtime, monitor=ctx.monitor,
-                on_exit=lambda code, at, cid=record.id: service.containers._exited(cid, code, at),
-                before_delete=lambda cid=record.id: service.containers._capture_oom(cid),
-                log_rotation=ctx.log_rotation,
-            )
-            shim.adopt(state.pid)
-            service.containers.shims[record.id] = shim
-            log.info("adopted running container id=%s pid=%d", record.id, state.pid)
-            continue
-        # The container exited while no daemon watched it. What it wrote meanwhile waits in
-        # its FIFOs, and the monitor recorded its exit unless the monitor died too.
-        _drain_output(record.id, ctx.paths.container_state_dir(record.id) / "io",
-                      record.log_path)
-        recorded = ctx.monitor.recorded_exit(record.id)
-        if recorded is not None:
-            # The cgroup stays until the runtime deletes the container, so its OOM count is
-            # still there to read.
-            await service.containers._capture_oom(record.id)
-            await service.containers._exited(record.id, *recorded)
-            ctx.monitor.forget(record.id)
-            log.info("container exited while the daemon was down id=%s exit_code=%d",
-                     record.id, recorded[0])
-        else:
-            record.state = CONTAINER_EXITED
-            record.exit_code = UNKNOWN_EXIT_CODE
-            record.reason = UNKNOWN_REASON
-            record.finished_at = record.finished_at or now_ns()
-            ctx.metadata.save_container(record)
-            log.warning("container exited while the daemon was down and no exit was recorded, "
-                        "exit code unknown id=%s", record.id)
-        await runtime.delete(record.id, force=True)
+async def _recover_sandbox(service: CRIService, record: SandboxRecord) -> None:
+    ctx = service.ctx
+    runtime = ctx.runtime(record.runtime_handler)
+    state = await runtime.state(record.id)
+    if state is None or state.status != "running" or not state.pid:
+        record.state = SANDBOX_NOTREADY
+        ctx.metadata.save_sandbox(record)
+        ctx.monitor.forget(record.id)
+        log.warning("pod sandbox infra process is gone, marked not ready id=%s", record.id)
+        return
 
-    await _clean_leftovers(service, set(sandboxes), set(containers))
+    async def on_exit(code: int, finished_at: int) -> None:
+        await service.sandboxes._infra_exited(record.id, code)
+
+    volatile = ctx.paths.sandbox_state_dir(record.id)
+    shim = ContainerShim(
+        record.id, bundle=volatile / "bundle", io_dir=volatile / "io", log_path=None,
+        runtime=runtime, monitor=ctx.monitor, on_exit=on_exit,
+    )
+    shim.adopt(state.pid)
+    service.sandboxes.shims[record.id] = shim
+    log.info("adopted running pod sandbox id=%s infra_pid=%d", record.id, state.pid)
+
+
+async def _recover_container(service: CRIService, record: ContainerRecord) -> None:
+    ctx = service.ctx
+    containers = service.containers
+    runtime = ctx.runtime(record.runtime_handler)
+    state = await runtime.state(record.id)
+    if state is not None and state.status in ("running", "paused") and state.pid:
+
+        async def on_exit(code: int, finished_at: int) -> None:
+            await containers._exited(record.id, code, finished_at)
+
+        async def before_delete() -> None:
+            await containers._capture_oom(record.id)
+
+        state_dir = ctx.paths.container_state_dir(record.id)
+        shim = ContainerShim(
+            record.id, bundle=state_dir / "bundle", io_dir=state_dir / "io",
+            log_path=Path(record.log_path) if record.log_path else None,
+            runtime=runtime, monitor=ctx.monitor, on_exit=on_exit,
+            before_delete=before_delete, log_rotation=ctx.log_rotation,
+        )
+        shim.adopt(state.pid)
+        containers.shims[record.id] = shim
+        log.info("adopted running container id=%s pid=%d", record.id, state.pid)
+        return
+
+    # The container exited while no daemon watched it. What it wrote meanwhile waits in its
+    # FIFOs, and the monitor recorded its exit unless the monitor died too.
+    _drain_output(record.id, ctx.paths.container_state_dir(record.id) / "io", record.log_path)
+    recorded = ctx.monitor.recorded_exit(record.id)
+    if recorded is not None:
+        # The cgroup stays until the runtime deletes the container, so its OOM count is still
+        # there to read.
+        await containers._capture_oom(record.id)
+        await containers._exited(record.id, *recorded)
+        ctx.monitor.forget(record.id)
+        log.info("container exited while the daemon was down id=%s exit_code=%d",
+                 record.id, recorded[0])
+    else:
+        record.state = CONTAINER_EXITED
+        record.exit_code = UNKNOWN_EXIT_CODE
+        record.reason = UNKNOWN_REASON
+        record.finished_at = record.finished_at or now_ns()
+        ctx.metadata.save_container(record)
+        log.warning("container exited while the daemon was down and no exit was recorded, "
+                    "exit code unknown id=%s", record.id)
+    await runtime.delete(record.id, force=True)
 
 
 def _drain_output(container_id: str, io_dir: Path, log_path: str) -> None:

@@ -94,7 +94,9 @@ class SandboxManager:
         self.ctx = ctx
         self.shims: dict[str, ContainerShim] = {}
 
-    async def run(self, config: cri.PodSandboxConfig, runtime_handler: str) -> str:
+    async def run(self, config: cri.PodSandboxConfig | None, runtime_handler: str) -> str:
+        if config is None:
+            raise InvalidArgument("RunPodSandbox has no config: send a PodSandboxConfig")
         meta = validate_metadata(config)
         runtime = self.ctx.runtime(runtime_handler)
         modes = namespace_modes(config)

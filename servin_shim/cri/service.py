@@ -22,7 +22,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
-from servin_shim import RUNTIME_NAME, __version__
+from servin_shim import RUNTIME_NAME, __version__, streaming
 from servin_shim.api.runtime import v1 as cri
 from servin_shim.cri import convert
 from servin_shim.cri.containers import ContainerManager
@@ -31,7 +31,7 @@ from servin_shim.cri.errors import as_grpc_status
 from servin_shim.cri.sandboxes import SandboxManager
 from servin_shim.cri.stats import StatsCollector
 from servin_shim.errors import FailedPrecondition, InvalidArgument, Unimplemented
-from servin_shim.images.registry import RegistryAuth
+from servin_shim.images.auth import RegistryAuth
 from servin_shim.state.records import CONTAINER_RUNNING, SANDBOX_READY
 
 log = logging.getLogger("servin_shim.cri")
@@ -120,6 +120,8 @@ class CRIService:
         self.sandboxes = SandboxManager(ctx)
         self.containers = ContainerManager(ctx)
         self.stats = StatsCollector(ctx)
+        #: Serves the URLs of Exec, Attach and PortForward; the daemon starts it.
+        self.streaming: streaming.StreamingServer | None = None
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         mapping: dict[str, grpclib.const.Handler] = {}
@@ -326,6 +328,64 @@ class CRIService:
         return cri.ExecSyncResponse(
             stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code
         )
+
+    # Streaming: each RPC validates, stores the request and returns a single-use URL.
+
+    def _streaming_server(self) -> streaming.StreamingServer:
+        if self.streaming is None:
+            raise Unimplemented(f"streaming is not enabled in this {RUNTIME_NAME} daemon")
+        return self.streaming
+
+    async def exec(self, request: cri.ExecRequest, api: str) -> cri.ExecResponse:
+        _require(request.container_id, "container_id")
+        if not request.cmd:
+            raise InvalidArgument("Exec needs cmd, the command to run")
+        streaming.check_stdio("Exec", tty=request.tty, stdin=request.stdin,
+                              stdout=request.stdout, stderr=request.stderr)
+        record = self.containers.resolve(request.container_id)
+        if record.state != CONTAINER_RUNNING:
+            raise FailedPrecondition(
+                f"container {record.id} is {record.state}: exec needs a running container"
+            )
+        url = self._streaming_server().url_for(streaming.ExecRequest(
+            container_id=record.id,
+            cmd=tuple(request.cmd),
+            tty=request.tty,
+            stdin=request.stdin,
+            stdout=request.stdout,
+            stderr=request.stderr,
+            runtime=self.ctx.runtime(record.runtime_handler),
+            work_dir=self.ctx.paths.container_state_dir(record.id) / "exec",
+            socket_dir=self.ctx.paths.state / "consoles",
+        ))
+        return cri.ExecResponse(url=url)
+
+    async def attach(self, request: cri.AttachRequest, api: str) -> cri.AttachResponse:
+        _require(request.container_id, "container_id")
+        streaming.check_stdio("Attach", tty=request.tty, stdin=request.stdin,
+                              stdout=request.stdout, stderr=request.stderr)
+        record = self.containers.resolve(request.container_id)
+        if record.state != CONTAINER_RUNNING:
+            raise FailedPrecondition(
+                f"container {record.id} is {record.state}: attach needs a running container"
+            )
+        # TODO: attach needs the container output fanned out from its StreamPump and a stdin
+        # FIFO from the create path. Until both exist it is rejected after validation.
+        raise Unimplemented(f"Attach is not implemented by {RUNTIME_NAME}: use Exec")
+
+    async def port_forward(
+        self, request: cri.PortForwardRequest, api: str
+    ) -> cri.PortForwardResponse:
+        _require(request.pod_sandbox_id, "pod_sandbox_id")
+        record = self.sandboxes.resolve(request.pod_sandbox_id)
+        if record.state != SANDBOX_READY:
+            raise FailedPrecondition(
+                f"pod sandbox {record.id} is {record.state}: port forwarding needs a ready pod"
+            )
+        url = self._streaming_server().url_for(
+            streaming.PortForwardRequest(sandbox_id=record.id, netns_path=record.netns_path)
+        )
+        return cri.PortForwardResponse(url=url)
 
     async def update_container_resources(
         self, request: cri.UpdateContainerResourcesRequest, api: str

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from servin_shim.images.reference import Reference, parse_reference
-from servin_shim.images.registry import RegistryAuth
+from servin_shim.images.auth import RegistryAuth
 from servin_shim.images.service import FsUsage, ImageService
 from servin_shim.images.store import ImageRecord
 

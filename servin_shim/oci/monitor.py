@@ -253,12 +253,13 @@ class Monitor:
             if early is not None:
                 self._exited(init_pid, *early)
             return
-        container_id = self.watched.pop(pid, None)
-        if container_id is None:
+        watched = self.watched.pop(pid, None)
+        if watched is None:
             # Orphans of the containers (re-parented here) and inits not yet registered.
             if len(self.unclaimed) < 4096:
                 self.unclaimed[pid] = (code, finished_at)
             return
+        container_id = watched
         # Terminal output still in the pty must reach the FIFO before the daemon drains it.
         for console in [c for c in self.consoles.values() if c.container_id == container_id]:
             console.drain(self)

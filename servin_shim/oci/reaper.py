@@ -23,6 +23,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +110,9 @@ class Reaper:
         self,
         argv: Sequence[str],
         *,
-        stdin: int | None = subprocess.DEVNULL,
-        stdout: int | None = subprocess.PIPE,
-        stderr: int | None = subprocess.PIPE,
+        stdin: int | IO[Any] | None = subprocess.DEVNULL,
+        stdout: int | IO[Any] | None = subprocess.PIPE,
+        stderr: int | IO[Any] | None = subprocess.PIPE,
         pass_fds: Sequence[int] = (),
         env: dict[str, str] | None = None,
         start_new_session: bool = False,
@@ -171,9 +172,12 @@ class Reaper:
             proc.returncode = exited.result() if exited.done() else -9
             _close_pipes(proc)
             raise
-        proc.returncode = results[-1]
+        code = int(results[-1])  # type: ignore[call-overload]
+        proc.returncode = code
         _close_pipes(proc)
-        return CompletedProcess(tuple(argv), results[-1], results[0], results[1])
+        stdout_data, stderr_data = results[0], results[1]
+        assert isinstance(stdout_data, bytes) and isinstance(stderr_data, bytes)
+        return CompletedProcess(tuple(argv), code, stdout_data, stderr_data)
 
 
 def _close_pipes(proc: subprocess.Popen[bytes]) -> None:

@@ -8,6 +8,7 @@ its stderr therefore belongs to the container.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import logging
 import os
@@ -130,7 +131,7 @@ class OCIRuntime:
             bundle=data.get("bundle", ""),
         )
 
-    async def list(self) -> list[RuntimeState]:
+    async def list(self) -> builtins.list[RuntimeState]:
         """Return every container in this runtime root."""
         if not self.root.exists():
             return []
@@ -151,7 +152,7 @@ class OCIRuntime:
     def exec(
         self,
         container_id: str,
-        command: list[str],
+        command: builtins.list[str],
         *,
         pid_file: Path,
         log_file: Path,

@@ -178,13 +178,13 @@ def add_devices(spec: dict[str, Any], devices: list[cri.Device]) -> None:
                 entry["path"] = str(Path(container_path) / relative)
                 found.append(entry)
         else:
-            entry = _device_entry(host, container_path)
-            if entry is None:
+            single = _device_entry(host, container_path)
+            if single is None:
                 raise InvalidArgument(
                     f"device {device.host_path!r} is not a character or block device on this "
                     "node: check the host path"
                 )
-            found.append(entry)
+            found.append(single)
         for entry in found:
             entries.append(entry)
             rules.append({"allow": True, "type": entry["type"], "major": entry["major"],

@@ -76,7 +76,8 @@ class Database:
         self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()
     ) -> sqlite3.Row | None:
         """Run a read-only statement and return the first row, or None."""
-        return self._conn.execute(sql, params).fetchone()
+        row: sqlite3.Row | None = self._conn.execute(sql, params).fetchone()
+        return row
 
     def close(self) -> None:
         self._conn.close()
