@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,11 +169,30 @@ class OCIRuntime:
         reaper. Detaching matters: an attached ``runc exec`` also waits for every background
         child of the process. The runtime's own errors go to ``log_file`` (see ``last_error``).
         """
-        argv = self._argv(
-            "exec", "--detach", "--pid-file", str(pid_file), container_id, *command,
-            log_file=log_file,
-        )
+        argv = self.exec_argv(container_id, command, pid_file=pid_file, log_file=log_file)
         return self._reaper.spawn(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+
+    def exec_argv(
+        self,
+        container_id: str,
+        command: Sequence[str],
+        *,
+        pid_file: Path,
+        log_file: Path,
+        console_socket: Path | None = None,
+        env: Sequence[str] = (),
+    ) -> builtins.list[str]:
+        """Return a detached ``exec`` command line (see ``exec``).
+
+        With ``console_socket`` the process gets a terminal whose pty master the runtime sends
+        to that socket. ``env`` entries (``KEY=value``) are added to the container's own.
+        """
+        options = ["--detach", "--pid-file", str(pid_file)]
+        if console_socket is not None:
+            options += ["--tty", "--console-socket", str(console_socket)]
+        for entry in env:
+            options += ["--env", entry]
+        return self._argv("exec", *options, container_id, *command, log_file=log_file)
 
     @staticmethod
     def last_error(log_file: Path) -> str:

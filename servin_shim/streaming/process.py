@@ -79,9 +79,9 @@ class ExecProcess:
             ours[name], theirs[name] = (write_end, read_end) if child_reads else (read_end,
                                                                                   write_end)
         try:
-            argv = request.runtime._argv(
-                "exec", "--detach", "--pid-file", str(exec_dir / "exec.pid"),
-                request.container_id, *request.cmd, log_file=exec_dir / "runtime.log",
+            argv = request.runtime.exec_argv(
+                request.container_id, request.cmd, pid_file=exec_dir / "exec.pid",
+                log_file=exec_dir / "runtime.log",
             )
             proc = reaper.spawn(
                 argv,
@@ -121,10 +121,10 @@ class ExecProcess:
             listener.bind(str(socket_path))
             listener.listen(1)
             listener.setblocking(False)
-            argv = request.runtime._argv(
-                "exec", "--detach", "--pid-file", str(exec_dir / "exec.pid"), "--tty",
-                "--console-socket", str(socket_path), "--env", "TERM=xterm",
-                request.container_id, *request.cmd, log_file=exec_dir / "runtime.log",
+            argv = request.runtime.exec_argv(
+                request.container_id, request.cmd, pid_file=exec_dir / "exec.pid",
+                log_file=exec_dir / "runtime.log", console_socket=socket_path,
+                env=("TERM=xterm",),
             )
             proc = reaper.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
