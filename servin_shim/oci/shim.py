@@ -175,18 +175,20 @@ class ContainerShim:
                 await self._before_delete()
             except Exception:
                 log.exception("before-delete hook failed for container id=%s", self.id)
-        try:
-            await self.runtime.delete(self.id, force=True)
-        except Exception as exc:
-            log.warning("failed to delete runtime state of exited container id=%s: %s",
-                        self.id, exc)
         log.debug("container exited id=%s pid=%d exit_code=%d", self.id, self.pid, code)
+        # The exit is recorded before the runtime's state is deleted, so a slow runtime
+        # command on a loaded node does not delay what ContainerStatus reports.
         try:
             await self._on_exit(code, finished)
         except Exception:
             log.exception("failed to record exit of container id=%s", self.id)
         else:
             self._monitor.forget(self.id)
+        try:
+            await self.runtime.delete(self.id, force=True)
+        except Exception as exc:
+            log.warning("failed to delete runtime state of exited container id=%s: %s",
+                        self.id, exc)
 
     @property
     def running(self) -> bool:
