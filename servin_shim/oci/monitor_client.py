@@ -41,6 +41,11 @@ class MonitorClient:
         self._waiters: dict[str, list[asyncio.Future[ExitStatus]]] = {}
         self._connect_lock = asyncio.Lock()
 
+    @property
+    def reaper(self) -> Reaper:
+        """The daemon's reaper, which inherits the containers if the monitor dies."""
+        return self._reaper
+
     def _accepting(self) -> bool:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -104,7 +109,10 @@ class MonitorClient:
                     fut.set_result((int(message["code"]), int(message.get("pid") or 0)))
             elif op == "exit":
                 self._resolve(container_id, (int(message["code"]), int(message["finished_at"])))
-        log.warning("connection to the exit monitor closed; it is reopened at the next create")
+        log.error(
+            "connection to the exit monitor closed; running containers are watched by the "
+            "daemon until they exit, and a new monitor starts at the next create"
+        )
         if self._writer is not None:
             self._writer.close()
         self._writer = None

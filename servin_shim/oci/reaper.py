@@ -106,6 +106,15 @@ class Reaper:
             self._waiters.setdefault(pid, []).append(fut)
         return fut
 
+    def cancel_wait(self, pid: int, fut: asyncio.Future[int]) -> None:
+        """Withdraw a ``wait`` that is no longer needed, so its pid entry does not linger."""
+        waiters = self._waiters.get(pid)
+        if waiters and fut in waiters:
+            waiters.remove(fut)
+            if not waiters:
+                del self._waiters[pid]
+        fut.cancel()
+
     def spawn(
         self,
         argv: Sequence[str],

@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 #: Exit code reported when the real one is unknowable, the value containerd uses.
 UNKNOWN_EXIT_CODE = 255
 
-#: How long an adopted container's exit may wait for the monitor's record before its exit code
-#: is reported as unknown. CRI-O waits about 5 s for conmon's exit file for the same reason.
+#: How long a container's exit, once its process is gone, may wait for the monitor's record
+#: before its exit code is reported as unknown. CRI-O waits about 5 s for conmon's exit file for
+#: the same reason.
 ADOPTED_EXIT_GRACE = 3.0
 
 ExitCallback = Callable[[int, int], Awaitable[None]]
@@ -112,6 +113,7 @@ class ContainerShim:
             self._pump = None
             raise
         self._exited = self._monitor.wait_exit(self.id)
+        self._watch_pid()
         self._task = loop.create_task(self._watch(), name=f"shim-{self.id[:12]}")
         # Taken before the start: the monitor stamps an exit with its own clock, possibly
         # before ``runtime start`` has even returned here.
@@ -125,39 +127,56 @@ class ContainerShim:
         return self.pid
 
     def adopt(self, pid: int) -> None:
-        """Take over a container that an earlier daemon started and that still runs.
-
-        The monitor reports its exit. Should the monitor have died, the container's exit is
-        still seen through a pidfd, and after a short wait for a late exit file its exit code
-        is unknown.
-        """
+        """Take over a container that an earlier daemon started and that still runs."""
         loop = asyncio.get_running_loop()
         self.pid = pid
         create_fifos(self.io_dir)
         self._pump = StreamPump(self.id, self.io_dir, self._log_writer())
         self._pump.start(loop)
         self._exited = self._monitor.wait_exit(self.id)
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            pidfd = -1
+        self._watch_pid()
+        self._task = loop.create_task(self._watch(), name=f"shim-{self.id[:12]}")
+
+    def _watch_pid(self) -> None:
+        """Watch the init process itself too, for when the monitor cannot report its exit.
+
+        If the monitor dies, its containers are re-parented to the daemon that started it, so
+        the daemon's reaper collects the real exit code. Otherwise (the monitor died and this
+        daemon did not start it) a pidfd still shows the exit, and after a short wait for a
+        late report the exit code is unknown.
+        """
+        loop = asyncio.get_running_loop()
         exited = self._exited
+        assert exited is not None
+        reaper = self._monitor.reaper
+        reaped = reaper.wait(self.pid)
+
+        def on_reaped(fut: asyncio.Future[int]) -> None:
+            if not fut.cancelled() and not exited.done():
+                exited.set_result((fut.result(), time.time_ns()))
+
+        reaped.add_done_callback(on_reaped)
+        exited.add_done_callback(lambda _: reaper.cancel_wait(self.pid, reaped))
 
         async def unknown_exit_after_grace() -> None:
             await asyncio.sleep(ADOPTED_EXIT_GRACE)
             if not exited.done():
+                log.warning("no exit status for container id=%s pid=%d, exit code unknown",
+                            self.id, self.pid)
                 exited.set_result((UNKNOWN_EXIT_CODE, time.time_ns()))
+
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            loop.create_task(unknown_exit_after_grace())
+            return
 
         def on_pidfd_readable() -> None:
             loop.remove_reader(pidfd)
             os.close(pidfd)
             loop.create_task(unknown_exit_after_grace())
 
-        if pidfd >= 0:
-            loop.add_reader(pidfd, on_pidfd_readable)
-        else:
-            loop.create_task(unknown_exit_after_grace())
-        self._task = loop.create_task(self._watch(), name=f"shim-{self.id[:12]}")
+        loop.add_reader(pidfd, on_pidfd_readable)
 
     def _log_writer(self) -> CRILogWriter:
         # A container without a log path still has its output drained, into /dev/null.

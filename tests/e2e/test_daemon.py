@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
-import sqlite3
 import socket
+import sqlite3
 import stat
 import subprocess
 
@@ -185,3 +186,31 @@ async def test_restart_cleans_unclaimed_leftovers(busybox_ref: str) -> None:
         assert f"removed network namespace that no sandbox claims id={sandbox_id}" in log_text
     finally:
         server.cleanup()
+
+
+async def test_monitor_death_keeps_exit_codes(daemon: Daemon, busybox_ref: str) -> None:
+    await daemon.images.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_ref)))
+    pod = sandbox_config("monitorless", log_directory=daemon.logs)
+    sandbox_id = (await daemon.runtime.run_pod_sandbox(
+        cri.RunPodSandboxRequest(config=pod))).pod_sandbox_id
+    exiter = container_config(busybox_ref, "exiter", command=["sh", "-c", "sleep 1; exit 11"])
+    sleeper = container_config(busybox_ref, "sleeper", command=["sleep", "1000"])
+    exiter_id = await run_container(daemon.runtime, sandbox_id, pod, exiter)
+    sleeper_id = await run_container(daemon.runtime, sandbox_id, pod, sleeper)
+    monitor = daemon.monitor_pid()
+    assert monitor is not None
+
+    os.kill(monitor, signal.SIGKILL)
+    exited = await wait_for_state(daemon.runtime, exiter_id, cri.ContainerState.CONTAINER_EXITED)
+    await daemon.runtime.stop_container(
+        cri.StopContainerRequest(container_id=sleeper_id, timeout=1))
+    stopped = await wait_for_state(daemon.runtime, sleeper_id,
+                                   cri.ContainerState.CONTAINER_EXITED, timeout=10)
+    # A new monitor serves the next container.
+    again = await run_container(daemon.runtime, sandbox_id, pod, container_config(
+        busybox_ref, "again", command=["sh", "-c", "exit 5"]))
+    after = await wait_for_state(daemon.runtime, again, cri.ContainerState.CONTAINER_EXITED)
+
+    assert exited.exit_code == 11
+    assert stopped.exit_code == 128 + 9
+    assert after.exit_code == 5
