@@ -369,7 +369,7 @@ class ContainerConfig(Section):
 
     default_runtime: HandlerName = "runc"
     log_driver: Literal["cri"] = "cri"
-    log_max_size: ByteSize = 10_000_000
+    log_max_size: ByteSize = 0
     log_max_files: Annotated[StrictInt, Field(ge=1)] = 5
 
 

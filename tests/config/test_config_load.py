@@ -61,7 +61,7 @@ def test_short_document_takes_defaults() -> None:
     assert config.spec.image_service.parallel_pulls == 3
     assert config.spec.cri_socket == "/run/servin/servin.sock"
     assert config.spec.cri_port is None
-    assert config.spec.container.log_max_size == 10_000_000
+    assert config.spec.container.log_max_size == 0
     assert config.spec.resources.cpu_cfs_period == 100_000
     assert config.metadata.name == "default"
 
