@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -64,6 +65,20 @@ def check_socket(path: Path) -> None:
     )
 
 
+def lock_directory(directory: Path, flag: str) -> int:
+    """Take the daemon's lock on a directory; fail if another daemon holds it."""
+    fd = os.open(directory / "servin.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FailedPrecondition(
+            f"another servin-shim daemon uses {directory} ({flag}): stop it first or give this "
+            f"daemon its own {flag}"
+        ) from None
+    return fd
+
+
 def build_runtimes(settings: Settings, reaper: Reaper) -> dict[str, OCIRuntime]:
     runtimes: dict[str, OCIRuntime] = {}
     for name, handler in settings.config.spec.runtime.runtime_handlers.items():
@@ -83,6 +98,9 @@ async def serve(settings: Settings) -> int:
 
     for directory in (settings.root, settings.state_dir):
         directory.mkdir(parents=True, exist_ok=True)
+    # Held for the daemon's lifetime: two daemons on one root would corrupt each other's state.
+    locks = [lock_directory(settings.root, "--root"), lock_directory(settings.state_dir,
+                                                                      "--state-dir")]
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(socket_path.parent, 0o711)
     check_socket(socket_path)
@@ -146,20 +164,29 @@ async def serve(settings: Settings) -> int:
     await monitor.connect()
     await recover(service)
 
-    await stream_server.start()
-    server = Server([service])
-    old_umask = os.umask(0o117)
+    servers: list[Server] = []
     try:
-        await server.start(path=str(socket_path))
-    finally:
-        os.umask(old_umask)
-    os.chmod(socket_path, 0o660)
-    servers = [server]
-    if spec.cri_port is not None:
-        tcp = Server([service])
-        await tcp.start(host=spec.cri_port.host, port=spec.cri_port.port)
-        servers.append(tcp)
-        log.info("serving CRI over TCP address=%s:%d", spec.cri_port.host, spec.cri_port.port)
+        await stream_server.start()
+        server = Server([service])
+        old_umask = os.umask(0o117)
+        try:
+            await server.start(path=str(socket_path))
+        finally:
+            os.umask(old_umask)
+        servers.append(server)
+        os.chmod(socket_path, 0o660)
+        if spec.cri_port is not None:
+            tcp = Server([service])
+            await tcp.start(host=spec.cri_port.host, port=spec.cri_port.port)
+            servers.append(tcp)
+            log.info("serving CRI over TCP address=%s:%d", spec.cri_port.host,
+                     spec.cri_port.port)
+    except OSError as exc:
+        await _close(servers, stream_server, service, monitor, socket_path)
+        raise FailedPrecondition(
+            f"cannot listen for CRI requests: {exc}: free the address or change "
+            "spec.criPort or --cri-socket"
+        ) from exc
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -168,24 +195,36 @@ async def serve(settings: Settings) -> int:
              ", ".join(sorted(runtimes)))
     await stop.wait()
 
-    log.info("stopping: no new RPCs are accepted, waiting up to %.0fs for running ones",
+    log.info("stopping: new RPCs get UNAVAILABLE, waiting up to %.0fs for running ones",
              SHUTDOWN_GRACE)
+    pending = await service.drain(SHUTDOWN_GRACE)
+    if pending:
+        log.warning("stopping with %d RPCs still running; their clients see the connection "
+                    "close and retry", pending)
+    await _close(servers, stream_server, service, monitor, socket_path)
+    reaper.uninstall()
+    db.close()
+    for lock in locks:
+        os.close(lock)
+    log.info("stopped; containers keep running and are adopted at the next start")
+    return 0
+
+
+async def _close(
+    servers: list[Server], stream_server: StreamingServer, service: CRIService,
+    monitor: MonitorClient, socket_path: Path,
+) -> None:
+    """Close the listeners and detach every shim, leaving the containers running."""
     for srv in servers:
         srv.close()
     with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(
-            asyncio.gather(*(srv.wait_closed() for srv in servers)), SHUTDOWN_GRACE
-        )
+        await asyncio.wait_for(asyncio.gather(*(srv.wait_closed() for srv in servers)), 5)
     await stream_server.stop()
     # Output that arrives from now on waits in the FIFOs for the next daemon.
     for shim in list(service.containers.shims.values()) + list(service.sandboxes.shims.values()):
         shim.detach()
     await monitor.close()
     socket_path.unlink(missing_ok=True)
-    reaper.uninstall()
-    db.close()
-    log.info("stopped; containers keep running and are adopted at the next start")
-    return 0
 
 
 def run(settings: Settings) -> int:

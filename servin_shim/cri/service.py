@@ -10,6 +10,8 @@ Each handler is thin: decode, call the manager, map errors in ``as_grpc_status``
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -122,6 +124,21 @@ class CRIService:
         self.stats = StatsCollector(ctx)
         #: Serves the URLs of Exec, Attach and PortForward; the daemon starts it.
         self.streaming: streaming.StreamingServer | None = None
+        #: Set once the daemon shuts down: new RPCs are rejected with UNAVAILABLE.
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drain(self, timeout: float) -> int:
+        """Reject new RPCs and wait up to ``timeout`` seconds for running ones.
+
+        Returns how many RPCs were still running when the wait ended.
+        """
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        return self._in_flight
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         mapping: dict[str, grpclib.const.Handler] = {}
@@ -148,15 +165,25 @@ class CRIService:
         method: Handler | None = getattr(self, _snake(name), None)
 
         async def handle(stream: Stream[Any, Any]) -> None:
-            request = await _receive(stream, name)
-            ids = _request_ids(request)
-            started = time.monotonic()
-            with as_grpc_status(name, ids):
-                if method is None:
-                    raise Unimplemented(f"{name} is not implemented by {RUNTIME_NAME}")
-                reply = await method(request, version)
-            log.debug("%s %s took %.1fms", name, ids, (time.monotonic() - started) * 1000)
-            await stream.send_message(reply)
+            if self.draining:
+                raise GRPCError(Status.UNAVAILABLE,
+                                f"{RUNTIME_NAME} is shutting down: retry once it has restarted")
+            self._in_flight += 1
+            self._idle.clear()
+            try:
+                request = await _receive(stream, name)
+                ids = _request_ids(request)
+                started = time.monotonic()
+                with as_grpc_status(name, ids):
+                    if method is None:
+                        raise Unimplemented(f"{name} is not implemented by {RUNTIME_NAME}")
+                    reply = await method(request, version)
+                log.debug("%s %s took %.1fms", name, ids, (time.monotonic() - started) * 1000)
+                await stream.send_message(reply)
+            finally:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.set()
 
         return handle
 

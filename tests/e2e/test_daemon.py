@@ -214,3 +214,59 @@ async def test_monitor_death_keeps_exit_codes(daemon: Daemon, busybox_ref: str) 
     assert exited.exit_code == 11
     assert stopped.exit_code == 128 + 9
     assert after.exit_code == 5
+
+
+def run_second_daemon(*flags: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([SERVIN_BINARY, *flags], capture_output=True, timeout=60, check=False)
+
+
+async def test_second_daemon_on_same_root_refuses(daemon: Daemon) -> None:
+    second = await asyncio.to_thread(
+        run_second_daemon, "--root", str(daemon.root), "--state-dir",
+        str(daemon.workdir / "state2"), "--cri-socket", str(daemon.workdir / "other.sock"))
+
+    assert second.returncode == 1
+    assert f"another servin-shim daemon uses {daemon.root} (--root)".encode() in second.stderr
+    assert b"Traceback" not in second.stderr
+
+
+async def test_cri_port_in_use_fails_cleanly() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        server = Daemon({"criPort": f"127.0.0.1:{port}"})
+        try:
+            result = await asyncio.to_thread(
+                run_second_daemon, "--cri-config", str(server.config_path), "--root",
+                str(server.root), "--state-dir", str(server.state), "--cri-socket",
+                str(server.socket))
+
+            assert result.returncode == 1
+            assert b"cannot listen for CRI requests" in result.stderr
+            assert b"Traceback" not in result.stderr
+            assert not server.socket.exists()
+        finally:
+            server.cleanup()
+
+
+async def test_shutdown_lets_running_stop_finish(daemon: Daemon, busybox_ref: str) -> None:
+    await daemon.images.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_ref)))
+    pod = sandbox_config("drain")
+    sandbox_id = (await daemon.runtime.run_pod_sandbox(
+        cri.RunPodSandboxRequest(config=pod))).pod_sandbox_id
+    stubborn = container_config(busybox_ref, "stubborn", command=["sleep", "1000"])
+    container_id = await run_container(daemon.runtime, sandbox_id, pod, stubborn)
+    await wait_for_state(daemon.runtime, container_id, cri.ContainerState.CONTAINER_RUNNING)
+    assert daemon.process is not None
+
+    # sleep as PID 1 ignores SIGTERM, so the stop waits its whole 2 s grace period.
+    stopping = asyncio.create_task(daemon.runtime.stop_container(
+        cri.StopContainerRequest(container_id=container_id, timeout=2)))
+    await asyncio.sleep(0.5)
+    daemon.process.send_signal(signal.SIGTERM)
+    await stopping
+    returncode = await asyncio.to_thread(daemon.process.wait, 30)
+
+    assert returncode == 0
+    assert "new RPCs get UNAVAILABLE" in daemon.log_text()
