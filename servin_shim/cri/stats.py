@@ -1,9 +1,10 @@
 """Container and pod statistics for ContainerStats, ListContainerStats and the pod variants.
 
 kubelet builds its summary API (``kubectl top``, eviction decisions) from these, so the fields
-follow the meaning kubelet gives them: ``usage_core_nano_seconds`` is cumulative CPU time,
-``usage_nano_cores`` the rate since the previous sample, ``working_set_bytes`` the memory usage
-minus inactive file pages, and the writable layer is the container's overlay upper directory.
+follow the meaning kubelet gives them. ``usage_core_nano_seconds`` is cumulative CPU time and
+``usage_nano_cores`` the rate since the previous sample. ``working_set_bytes`` is the memory
+usage minus inactive file pages, and the writable layer is the container's overlay upper
+directory.
 Values come from the cgroup files (v1 controllers, or the unified v2 tree) and the filesystem.
 """
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 UNLIMITED_MEMORY = 1 << 62
 
 #: Writable-layer sizes are cached this long (seconds), because walking a large upper directory
-#: on every kubelet poll (about every 10 s) would cost more than the answer is worth.
+#: on every kubelet poll (about every 10 s) would cost more than the value is worth.
 LAYER_USAGE_TTL = 10.0
 
 

@@ -1,7 +1,7 @@
 """Persistent network namespaces for pod sandboxes.
 
 A pod's network namespace is bind-mounted on a file under ``<state dir>/netns``, as ``ip netns``
-and the CRI plugins do, so it lives independently of the infra process: CNI plugins can be run
+and the CRI plugins do, so it lives independently of the infra process. CNI plugins can then run
 against its path before the infra starts and after it stops.
 
 The namespace is created in the daemon itself rather than with ``unshare(1)`` and ``ip``: a

@@ -1,9 +1,9 @@
 """The per-container shim: a coroutine that owns one container's process, output and exit.
 
-It opens the stdio FIFOs before the runtime starts the container, has the exit monitor run
-``runtime create`` (so the container's exit is recorded even while no daemon runs), pumps the
-FIFOs into the CRI log file, waits for the exit, drains the last output, deletes the runtime's
-state and reports the exit code and time to its owner.
+It opens the stdio FIFOs before the runtime starts the container and has the exit monitor run
+``runtime create``, so the container's exit is recorded even while no daemon runs. Then it pumps
+the FIFOs into the CRI log file and waits for the exit. At the exit it drains the last output,
+reports the exit code and time to its owner, and deletes the runtime's state.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ BeforeDeleteCallback = Callable[[], Awaitable[None]]
 
 
 def wants_terminal(bundle: Path) -> bool:
-    """Return True if the bundle's process asks for a terminal."""
+    """Return True if the bundle's process requests a terminal."""
     try:
         with open(bundle / "config.json") as f:
             return bool(json.load(f).get("process", {}).get("terminal"))
@@ -230,7 +230,7 @@ class ContainerShim:
         try:
             await self.runtime.kill(self.id, sig)
         except NotFound:
-            # runc no longer knows the container: signal the pid directly while it lives.
+            # runc has no state for the container any more, so signal the pid directly while it lives.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
 
