@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from servin_shim.cri import convert
 from servin_shim.cri.container_spec import build_container_spec, ensure_workdir, parse_signal
 from servin_shim.cri.context import RuntimeContext, new_id, now_ns
 from servin_shim.cri.exec import ExecResult, exec_sync
-from servin_shim.errors import FailedPrecondition, InvalidArgument, NotFound
+from servin_shim.errors import FailedPrecondition, InvalidArgument, NotFound, ServinError
 from servin_shim.oci import cgroups, rootfs
 from servin_shim.oci import resources as ociresources
 from servin_shim.oci import spec as ocispec
@@ -42,6 +44,42 @@ START_ERROR_EXIT_CODE = 128
 START_ERROR_REASON = "StartError"
 #: Exit reason of a container whose cgroup saw an OOM kill; kubelet matches this exact text.
 OOM_KILLED_REASON = "OOMKilled"
+#: How long a container gets to exit after a SIGKILL sent without the runtime.
+DIRECT_KILL_WAIT = 10.0
+
+
+def check_resource_values(resources: cri.LinuxContainerResources) -> None:
+    """Reject negative limits, which cgroups would reject or read as something else."""
+    for field in ("cpu_period", "cpu_shares", "memory_limit_in_bytes"):
+        value = getattr(resources, field)
+        if value < 0:
+            raise InvalidArgument(f"invalid {field} {value}: it must be 0 (unset) or positive")
+    # -1 is the cgroup's own "no limit" for these two.
+    for field in ("cpu_quota", "memory_swap_limit_in_bytes"):
+        value = getattr(resources, field)
+        if value < -1:
+            raise InvalidArgument(
+                f"invalid {field} {value}: it must be -1 (no limit), 0 (unset) or positive"
+            )
+    if not -1000 <= resources.oom_score_adj <= 1000:
+        raise InvalidArgument(
+            f"invalid oom_score_adj {resources.oom_score_adj}: it must be from -1000 to 1000"
+        )
+
+
+def stop_signal(record: ContainerRecord) -> int:
+    """Return the signal that stops a container gracefully; SIGTERM if the recorded one is bad.
+
+    CreateContainer rejects a bad image StopSignal, but records written before that check may
+    hold one, and a bad signal must not make the container unstoppable.
+    """
+    try:
+        return parse_signal(record.stop_signal)
+    except InvalidArgument:
+        log.warning("invalid stop signal %r recorded for container id=%s, using SIGTERM",
+                    record.stop_signal, record.id)
+        return signal.SIGTERM
+
 
 class ContainerManager:
     """Creates, starts, stops and removes containers; ``shims`` maps container id to its shim."""
@@ -70,13 +108,21 @@ class ContainerManager:
             raise FailedPrecondition(
                 f"pod sandbox {sandbox_id} is not ready: create a new sandbox for this pod"
             )
-        image = ctx.images.status(config.image.image)
+        image = ctx.images.status(config.image.image, strict=True)
         if image is None:
             raise NotFound(
                 f"image {config.image.image!r} not found: pull it before creating container "
                 f"{config.metadata.name!r}"
             )
         image_config: dict[str, Any] = ctx.images.config(image.id).get("config") or {}
+        image_stop_signal = str(image_config.get("StopSignal") or "")
+        try:
+            parse_signal(image_stop_signal)
+        except InvalidArgument:
+            raise InvalidArgument(
+                f"image {config.image.image!r} has an invalid StopSignal "
+                f"{image_stop_signal!r}: fix the image's STOPSIGNAL, for example SIGTERM"
+            ) from None
 
         log_path = ""
         if sandbox.log_directory and config.log_path:
@@ -103,16 +149,17 @@ class ContainerManager:
                 for m in config.mounts
             ],
             runtime_handler=sandbox.runtime_handler,
-            stop_signal=str(image_config.get("StopSignal") or ""),
+            stop_signal=image_stop_signal,
             config_b64=base64.b64encode(bytes(config)).decode(),
         )
         ctx.metadata.add_container(record)
         async with ctx.lock(record.id):
             try:
                 await self._prepare_bundle(record, sandbox, config, image_config, image.id)
-            except BaseException:
-                self._release_bundle(record.id)
-                ctx.metadata.delete_container(record.id)
+            except BaseException as exc:
+                log.error("failed to create container id=%s name=%s sandbox=%s: %s",
+                          record.id, record.name, sandbox.id, exc)
+                self._discard(record.id)
                 raise
         log.info("created container id=%s name=%s sandbox=%s image=%s",
                  record.id, record.name, sandbox.id, record.image_ref)
@@ -147,6 +194,18 @@ class ContainerManager:
         user = spec["process"]["user"]
         ensure_workdir(root, spec["process"]["cwd"], user["uid"], user["gid"])
         ocispec.write_spec(bundle, spec)
+
+    def _discard(self, container_id: str) -> None:
+        """Undo a failed CreateContainer; failures are logged so the create error is reported."""
+        try:
+            self._release_bundle(container_id)
+        except Exception:
+            log.exception("failed to release bundle of failed container id=%s", container_id)
+        try:
+            self.ctx.metadata.delete_container(container_id)
+        except Exception:
+            log.exception("failed to delete record of failed container id=%s", container_id)
+        self.ctx.locks.pop(container_id, None)
 
     def _release_bundle(self, container_id: str) -> None:
         """Unmount and delete a container's bundle and overlay directories."""
@@ -257,7 +316,22 @@ class ContainerManager:
         if record.state != CONTAINER_RUNNING or shim is None:
             return
         log.info("stopping container id=%s timeout=%ds", record.id, timeout)
-        await shim.stop(max(timeout, 0), parse_signal(record.stop_signal))
+        # A timeout of 0 kills at once, so the stop signal is not even looked at.
+        sig = stop_signal(record) if timeout > 0 else signal.SIGKILL
+        try:
+            await shim.stop(max(timeout, 0), sig)
+        except (ServinError, OSError) as exc:
+            if not shim.running:
+                return
+            # The shim's pid is the live container until the exit monitor reports its exit.
+            log.warning("runtime failed to stop container, sending SIGKILL directly id=%s "
+                        "pid=%d: %s", record.id, shim.pid, exc)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(shim.pid, signal.SIGKILL)
+            if not await shim.wait(DIRECT_KILL_WAIT):
+                raise ServinError(
+                    f"container {record.id} (pid {shim.pid}) did not exit after SIGKILL: {exc}"
+                ) from exc
 
     # ExecSync and UpdateContainerResources
 
@@ -287,11 +361,12 @@ class ContainerManager:
         Fields left zero keep their current value. The bundle's config.json is updated too,
         so a created container starts with the new limits.
         """
-        if resources is None:
-            log.debug("update without linux resources id=%s, nothing to do", container_id)
-            return
         ctx = self.ctx
         record = self.resolve(container_id)
+        if resources is None:
+            log.debug("update without linux resources id=%s, nothing to do", record.id)
+            return
+        check_resource_values(resources)
         async with ctx.lock(record.id):
             record = ctx.metadata.get_container(record.id)
             if record.state not in (CONTAINER_CREATED, CONTAINER_RUNNING):
@@ -338,8 +413,13 @@ class ContainerManager:
         if record.state == CONTAINER_RUNNING:
             await self.stop(record.id, 0)
         async with self.ctx.lock(record.id):
-            with contextlib.suppress(NotFound):
+            try:
                 await self.ctx.runtime(record.runtime_handler).delete(record.id, force=True)
+            except (ServinError, OSError) as exc:
+                # The process is gone (stopped above) or never ran, so only runtime state
+                # can be left behind, and it must not keep the container unremovable.
+                log.warning("failed to delete runtime state of container id=%s handler=%s: %s",
+                            record.id, record.runtime_handler, exc)
             self._release_bundle(record.id)
             self.ctx.metadata.delete_container(record.id)
         self.ctx.locks.pop(record.id, None)

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import logging
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
 
 from servin_shim.api.runtime import v1 as cri
 from servin_shim.cri.context import RuntimeContext, new_id, now_ns
-from servin_shim.errors import FailedPrecondition, InvalidArgument, NotFound
+from servin_shim.errors import FailedPrecondition, InvalidArgument, NotFound, ServinError
 from servin_shim.oci import resources as ociresources
 from servin_shim.oci import cgroups, rootfs, seccomp
 from servin_shim.oci import security as ocisecurity
@@ -37,6 +39,12 @@ SHM_SIZE = 64 * 1024 * 1024
 
 #: How long the infra process gets to exit after SIGKILL before stop gives up waiting.
 INFRA_KILL_WAIT = 10.0
+
+#: Maximum hostname length in bytes that sethostname(2) accepts (HOST_NAME_MAX on Linux).
+#: RFC 1123 allows 253 characters, but runc fails on a hostname the kernel rejects.
+MAX_HOSTNAME_LENGTH = 64
+#: One RFC 1123 label: letters, digits and inner hyphens, 1 to 63 characters.
+HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 def namespace_modes(config: cri.PodSandboxConfig) -> dict[str, str]:
@@ -75,6 +83,43 @@ def validate_metadata(config: cri.PodSandboxConfig | None) -> cri.PodSandboxMeta
     return meta
 
 
+def validate_hostname(hostname: str) -> None:
+    """Reject a pod hostname that is no RFC 1123 hostname or longer than the kernel accepts."""
+    if not hostname:
+        return  # The node's name is used instead.
+    if len(hostname.encode()) > MAX_HOSTNAME_LENGTH:
+        raise InvalidArgument(
+            f"pod hostname {hostname!r} is {len(hostname.encode())} bytes long: the kernel "
+            f"accepts at most {MAX_HOSTNAME_LENGTH}"
+        )
+    for label in hostname.split("."):
+        if not HOSTNAME_LABEL.fullmatch(label):
+            raise InvalidArgument(
+                f"invalid pod hostname {hostname!r}: each dot-separated label must be 1 to 63 "
+                "letters, digits or inner hyphens (RFC 1123)"
+            )
+
+
+def validate_dns(dns: cri.DnsConfig | None) -> None:
+    """Reject DNS settings that would write a malformed or extra line into resolv.conf."""
+    if dns is None:
+        return
+    for server in dns.servers:
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
+            raise InvalidArgument(
+                f"invalid DNS server {server!r}: dns_config.servers must be IP addresses"
+            ) from None
+    for field, values in (("searches", dns.searches), ("options", dns.options)):
+        for value in values:
+            if not value or any(ch.isspace() for ch in value):
+                raise InvalidArgument(
+                    f"invalid DNS {field} entry {value!r}: dns_config.{field} entries must be "
+                    "non-empty and contain no whitespace or newline"
+                )
+
+
 def resolv_conf(dns: cri.DnsConfig | None) -> str | None:
     """Render resolv.conf from the pod's DNS config; None means copy the host's."""
     if dns is None or not (dns.servers or dns.searches or dns.options):
@@ -98,6 +143,8 @@ class SandboxManager:
         if config is None:
             raise InvalidArgument("RunPodSandbox has no config: send a PodSandboxConfig")
         meta = validate_metadata(config)
+        validate_hostname(config.hostname)
+        validate_dns(config.dns_config)
         runtime = self.ctx.runtime(runtime_handler)
         modes = namespace_modes(config)
         record = SandboxRecord(
@@ -122,11 +169,26 @@ class SandboxManager:
         async with self.ctx.lock(record.id):
             try:
                 await self._setup(record, config)
-            except BaseException:
-                await self._teardown(record)
-                self.ctx.metadata.delete_sandbox(record.id)
+            except BaseException as exc:
+                log.error("failed to run pod sandbox id=%s handler=%s: %s",
+                          record.id, record.runtime_handler, exc)
+                await self._discard(record)
                 raise
         return record.id
+
+    async def _discard(self, record: SandboxRecord) -> None:
+        """Undo a failed RunPodSandbox: processes, mounts, files, cgroup and record.
+
+        Every failure here is logged and not raised, so the caller reports the error that made
+        the sandbox fail rather than an error of the rollback.
+        """
+        try:
+            await self._teardown(record)
+            self._remove_files(record)
+            self.ctx.metadata.delete_sandbox(record.id)
+        except Exception:
+            log.exception("failed to roll back pod sandbox id=%s", record.id)
+        self.ctx.locks.pop(record.id, None)
 
     async def _setup(self, record: SandboxRecord, config: cri.PodSandboxConfig) -> None:
         ctx = self.ctx
@@ -307,30 +369,82 @@ class SandboxManager:
             return
         await stop_containers(record.id)
         async with self.ctx.lock(record.id):
-            await self._teardown(record)
+            infra_gone = await self._teardown(record)
             record = self.ctx.metadata.get_sandbox(record.id)
             record.state = SANDBOX_NOTREADY
             self.ctx.metadata.save_sandbox(record)
+        if not infra_gone:
+            raise ServinError(
+                f"pod infra process {record.infra_pid} of sandbox {record.id} may still run: "
+                "the runtime failed to kill it, see the daemon log; RemovePodSandbox still "
+                "removes the sandbox"
+            )
         log.info("stopped pod sandbox id=%s", record.id)
 
-    async def _teardown(self, record: SandboxRecord) -> None:
-        """Kill the infra and release namespaces and mounts; every step tolerates a past run."""
+    async def _teardown(self, record: SandboxRecord) -> bool:
+        """Kill the infra and release namespaces and mounts; return False if the infra may live.
+
+        Every step runs even when an earlier one fails, and tolerates a past run. Failures are
+        logged, not raised, so a failing runtime cannot pin a pod's mounts and network namespace.
+        """
         ctx = self.ctx
+        infra_gone = await self._kill_infra(record)
+        try:
+            await ctx.runtime(record.runtime_handler).delete(record.id, force=True)
+        except (ServinError, OSError) as exc:
+            log.warning("failed to delete runtime state of pod sandbox id=%s handler=%s: %s",
+                        record.id, record.runtime_handler, exc)
+        volatile = ctx.paths.sandbox_state_dir(record.id)
+        for target in (volatile / "bundle" / "rootfs", volatile / "shm"):
+            try:
+                rootfs.unmount(target)
+            except OSError as exc:
+                log.warning("failed to unmount pod sandbox mount id=%s path=%s: %s",
+                            record.id, target, exc)
+        try:
+            ctx.netns.remove(record.id)
+        except OSError as exc:
+            log.warning("failed to remove network namespace of pod sandbox id=%s: %s",
+                        record.id, exc)
+        return infra_gone
+
+    async def _kill_infra(self, record: SandboxRecord) -> bool:
+        """SIGKILL the infra process; return False if it may still run."""
         shim = self.shims.pop(record.id, None)
-        runtime = ctx.runtime(record.runtime_handler)
         if shim is not None:
-            await shim.kill(signal.SIGKILL)
+            try:
+                await shim.kill(signal.SIGKILL)
+            except (ServinError, OSError) as exc:
+                # The shim's pid is the live infra until the exit monitor reports its exit.
+                log.warning("runtime failed to kill pod infra, signalling it directly id=%s "
+                            "pid=%d: %s", record.id, shim.pid, exc)
+                if shim.running:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(shim.pid, signal.SIGKILL)
             if not await shim.wait(INFRA_KILL_WAIT):
                 log.error("pod infra process did not exit after SIGKILL id=%s pid=%d",
                           record.id, shim.pid)
-        else:
-            with contextlib.suppress(NotFound):
-                await runtime.kill(record.id, signal.SIGKILL)
-        await runtime.delete(record.id, force=True)
-        volatile = ctx.paths.sandbox_state_dir(record.id)
-        rootfs.unmount(volatile / "bundle" / "rootfs")
-        rootfs.unmount(volatile / "shm")
-        ctx.netns.remove(record.id)
+                return False
+            return True
+        try:
+            await self.ctx.runtime(record.runtime_handler).kill(record.id, signal.SIGKILL)
+        except NotFound:
+            return True
+        except (ServinError, OSError) as exc:
+            # Without a shim, the recorded pid may belong to another process by now. So it is
+            # not signalled, and only a pid that no longer exists proves the infra is gone.
+            log.warning("failed to kill pod infra id=%s handler=%s: %s",
+                        record.id, record.runtime_handler, exc)
+            return not record.infra_pid or not _pid_alive(record.infra_pid)
+        return True
+
+    def _remove_files(self, record: SandboxRecord) -> None:
+        """Delete the sandbox's directories and the pod cgroup that servin-shim created."""
+        rootfs.remove_tree(self.ctx.paths.sandbox_state_dir(record.id))
+        rootfs.remove_tree(self.ctx.paths.sandbox_dir(record.id))
+        if not record.cgroup_parent:
+            # The pod cgroup is ours only when kubelet gave no parent; kubelet removes its own.
+            cgroups.remove_cgroup(ociresources.pod_cgroup_parent("", record.id))
 
     async def remove(self, sandbox_id: str, remove_containers) -> None:  # type: ignore[no-untyped-def]
         """Remove the pod's containers, its files and its record."""
@@ -341,12 +455,14 @@ class SandboxManager:
             return
         await remove_containers(record.id)
         async with self.ctx.lock(record.id):
-            await self._teardown(record)
-            rootfs.remove_tree(self.ctx.paths.sandbox_state_dir(record.id))
-            rootfs.remove_tree(self.ctx.paths.sandbox_dir(record.id))
-            if not record.cgroup_parent:
-                # The pod cgroup is ours only when kubelet gave no parent; kubelet removes its own.
-                cgroups.remove_cgroup(ociresources.pod_cgroup_parent("", record.id))
+            if not await self._teardown(record):
+                # Keeping the record would not help: no later call could kill the process.
+                log.error("removing pod sandbox whose infra process may still run id=%s pid=%d",
+                          record.id, record.infra_pid)
+            try:
+                self._remove_files(record)
+            except OSError as exc:
+                log.error("failed to remove files of pod sandbox id=%s: %s", record.id, exc)
             self.ctx.metadata.delete_sandbox(record.id)
         self.ctx.locks.pop(record.id, None)
         log.info("removed pod sandbox id=%s", record.id)
@@ -370,3 +486,13 @@ class SandboxManager:
                     f"{len(matches)} sandboxes"
                 ) from None
             raise
+
+
+def _pid_alive(pid: int) -> bool:
+    """Return True if ``pid`` exists and is no zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state letter follows the command name, which is in parentheses and may hold spaces.
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")

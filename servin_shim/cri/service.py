@@ -230,6 +230,20 @@ class CRIService:
         log.info("runtime config updated pod_cidr=%s", cidr or "(none)")
         return cri.UpdateRuntimeConfigResponse()
 
+    async def runtime_config(
+        self, request: cri.RuntimeConfigRequest, api: str
+    ) -> cri.RuntimeConfigResponse:
+        """Report the cgroup driver, which kubelet 1.28 and later can use instead of its own
+        cgroupDriver setting (feature gate KubeletCgroupDriverFromCRI).
+
+        NOTE: always cgroupfs, because no config key selects runc's systemd driver, which needs
+        systemd as PID 1. runc gets --systemd-cgroup only for a cgroup parent that kubelet
+        already names in the systemd form (``*.slice``).
+        """
+        return cri.RuntimeConfigResponse(
+            linux=cri.LinuxRuntimeConfiguration(cgroup_driver=cri.CgroupDriver.CGROUPFS)
+        )
+
     # Pod sandboxes
 
     async def run_pod_sandbox(
@@ -486,7 +500,7 @@ class CRIService:
     ) -> cri.ImageStatusResponse:
         if request.image is None or not request.image.image:
             raise InvalidArgument("ImageStatus needs image.image")
-        record = self.ctx.images.status(request.image.image)
+        record = self.ctx.images.status(request.image.image, strict=True)
         if record is None:
             # The CRI wants an empty status, not an error, for an image that is not present.
             return cri.ImageStatusResponse()

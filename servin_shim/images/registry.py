@@ -287,7 +287,9 @@ class RegistryClient:
     async def get_manifest(self, repository: str, reference: str) -> tuple[str, bytes, str]:
         """Return media type, body and sha256 digest of a manifest or index."""
         url = self.base_url.join(f"/v2/{repository}/manifests/{reference}")
-        what = f"manifest {repository}:{reference}"
+        # A digest follows the name after "@", a tag after ":", as in the reference grammar.
+        separator = "@" if reference.startswith("sha256:") else ":"
+        what = f"manifest {repository}{separator}{reference}"
         attempt = 0
         while True:
             attempt += 1
@@ -300,8 +302,9 @@ class RegistryClient:
         media_type = str(document.get("mediaType") or header_type)
         if media_type in MEDIA_DOCKER_SCHEMA1 or document.get("schemaVersion") == 1:
             raise InvalidArgument(
-                f"image {self.host}/{repository}:{reference} uses Docker manifest schema 1, "
-                "which is not supported; push it again with a current Docker or as an OCI image"
+                f"image {self.host}/{repository}{separator}{reference} uses Docker manifest "
+                "schema 1, which is not supported; push it again with a current Docker or as "
+                "an OCI image"
             )
         if media_type not in INDEX_TYPES and media_type not in MANIFEST_TYPES:
             # Some registries omit mediaType in the body, so the fields present decide.

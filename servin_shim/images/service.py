@@ -538,12 +538,18 @@ class ImageService:
         record = self.status(filter_ref)
         return [record] if record else []
 
-    def status(self, ref_or_id: str) -> ImageRecord | None:
-        """Return the image for an id, id prefix, tag, digest reference or short name."""
-        resolved = self._resolve(ref_or_id)
+    def status(self, ref_or_id: str, *, strict: bool = False) -> ImageRecord | None:
+        """Return the image for an id, id prefix, tag, digest reference or short name.
+
+        With ``strict``, text that is neither an image id, an id prefix nor a valid reference
+        raises InvalidArgument instead of returning None.
+        """
+        resolved = self._resolve(ref_or_id, strict=strict)
         return self.store.get(resolved[0]) if resolved else None
 
-    def _resolve(self, ref_or_id: str) -> tuple[str, str | None] | None:
+    def _resolve(
+        self, ref_or_id: str, *, strict: bool = False
+    ) -> tuple[str, str | None] | None:
         """Return (image id, name used) where name is None when resolved by id."""
         text = ref_or_id.strip()
         if is_image_id(text):
@@ -552,6 +558,8 @@ class ImageService:
         try:
             reference = parse_reference(text, self.default_registry)
         except InvalidArgument:
+            if strict and not _HEX_RE.match(text.removeprefix("sha256:")):
+                raise
             reference = None
         if reference is not None:
             name = (

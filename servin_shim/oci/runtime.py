@@ -71,6 +71,8 @@ class OCIRuntime:
             ) from None
         if result.returncode != 0:
             message = _last_log_error(log_file) or result.stderr.decode(errors="replace").strip()
+            if not message:
+                message = f"exit code {result.returncode} without an error message"
             raise OCIRuntimeError(f"{self.name} {args[0]} failed: {message}")
         return result.stdout
 
@@ -91,9 +93,14 @@ class OCIRuntime:
         return argv
 
     def create_error(self, container_id: str, bundle: Path, code: int) -> OCIRuntimeError:
-        """Build the error for a failed ``create`` from the runtime's log."""
-        message = _last_log_error(bundle / "runtime.log") or f"exit code {code}"
-        return OCIRuntimeError(f"{self.name} create of container {container_id} failed: {message}")
+        """Build the error for a failed ``create`` from the runtime's own error in its log."""
+        log_file = bundle / "runtime.log"
+        message = _last_log_error(log_file)
+        if not message:
+            message = f"exit code {code} and no error in {log_file}"
+        return OCIRuntimeError(
+            f"{self.name} ({self.binary}) create of container {container_id} failed: {message}"
+        )
 
     async def start(self, container_id: str, *, bundle: Path) -> None:
         await self._run("start", container_id, log_file=bundle / "runtime.log")
@@ -104,7 +111,7 @@ class OCIRuntime:
         try:
             await self._run(*args)
         except OCIRuntimeError as exc:
-            if _is_gone(str(exc)):
+            if _is_gone(str(exc), container_id):
                 raise NotFound(f"container {container_id} is not running") from exc
             raise
 
@@ -114,7 +121,7 @@ class OCIRuntime:
         try:
             await self._run(*args)
         except OCIRuntimeError as exc:
-            if _is_gone(str(exc)):
+            if _is_gone(str(exc), container_id):
                 return
             raise
 
@@ -123,7 +130,7 @@ class OCIRuntime:
         try:
             out = await self._run("state", container_id)
         except OCIRuntimeError as exc:
-            if _is_gone(str(exc)):
+            if _is_gone(str(exc), container_id):
                 return None
             raise
         data = json.loads(out)
@@ -216,23 +223,40 @@ def uses_systemd_cgroup(bundle: Path) -> bool:
     return isinstance(path, str) and path.count(":") == 2 and not path.startswith("/")
 
 
-def _is_gone(message: str) -> bool:
+def _is_gone(message: str, container_id: str) -> bool:
+    """Return True if a runtime error means the runtime has no such (running) container.
+
+    runc reports ``container does not exist`` or ``container not running``. crun 1.8.1 has no
+    such message. For an unknown id its kill and state fail with ``error opening file
+    `<root>/<id>/status`: No such file or directory``, and delete fails with ``cannot open
+    directory '<root>/<id>': No such file or directory``.
+    """
     text = message.lower()
-    return "does not exist" in text or "not exist" in text or "container not running" in text
+    if "does not exist" in text or "container not running" in text:
+        return True
+    if "no such file or directory" not in text:
+        return False
+    return f"/{container_id}/status" in message or f"/{container_id}'" in message
 
 
 def _last_log_error(log_file: Path | None) -> str:
-    """Return the last error-level message of a runtime JSON log, or an empty string."""
+    """Return the last error-level message of a runtime JSON log, or an empty string.
+
+    A runtime that fails before it sets up JSON logging writes plain text. When the log has no
+    JSON error, the last such line is returned.
+    """
     if log_file is None or not log_file.exists():
         return ""
     message = ""
+    plain = ""
     for line in log_file.read_text(errors="replace").splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
+            plain = line.strip() or plain
             continue
-        if entry.get("level") in ("error", "fatal"):
+        if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
             message = str(entry.get("msg", ""))
-    return message
+    return message or plain
 
 
