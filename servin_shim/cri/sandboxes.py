@@ -321,6 +321,13 @@ class SandboxManager:
                 "options": ["rbind", "ro", "nosuid", "nodev"],
             })
         spec["root"]["readonly"] = True
+        # Every sysfs mount of one network namespace shares a superblock, and the first mount,
+        # the infra's, decides whether it is read-only. A read-only one would make /sys
+        # read-only in privileged containers too, so the infra mounts it writable. The infra
+        # has no capabilities to write to it, and other containers still mount it read-only.
+        for mount in spec["mounts"]:
+            if mount["type"] == "sysfs":
+                mount["options"] = [o for o in mount["options"] if o != "ro"] + ["rw"]
         # The infra process only holds namespaces: it needs no capability at all.
         spec["process"]["capabilities"] = {k: [] for k in ("bounding", "effective", "permitted")}
         spec["process"]["noNewPrivileges"] = True

@@ -118,12 +118,20 @@ async def test_seccomp_localhost_profile(pod: Pod, tmp_path: Path) -> None:
 
 async def test_privileged_container(pod: Pod) -> None:
     output = await pod.output(
-        "privileged", "cat /proc/self/status; ls /dev",
+        "privileged", "cat /proc/self/status; ls /dev; grep ' /sys ' /proc/mounts",
         linux=context(privileged=True))
     assert int(status_field(output, "CapEff"), 16) == capability_mask(
         security.all_capabilities())
     assert status_field(output, "Seccomp") == "0"
     assert "loop-control" in output.splitlines()
+    sysfs_options = output.splitlines()[-1].split()[3].split(",")
+    assert "rw" in sysfs_options
+
+
+async def test_unprivileged_sysfs_read_only(pod: Pod) -> None:
+    output = await pod.output("sysfs", "grep ' /sys ' /proc/mounts")
+
+    assert "ro" in output.split()[3].split(",")
 
 
 async def test_masked_paths_from_request(pod: Pod) -> None:
