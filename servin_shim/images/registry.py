@@ -23,6 +23,7 @@ import logging
 import platform
 import random
 import re
+import ssl
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -526,10 +527,7 @@ class RegistryClient:
                 # A refused or failed connection is not retried: a host that is down stays
                 # down for seconds, and a mirror list should move on at once.
                 if not self._downgrade(current):
-                    raise Unavailable(
-                        f"could not reach registry {self.host} at "
-                        f"{current.copy_with(query=None)}: {exc!r}"
-                    ) from exc
+                    raise Unavailable(self._connect_error_message(current, exc)) from exc
                 current = current.copy_with(scheme="http")
                 continue
             except httpx.TransportError as exc:
@@ -543,6 +541,23 @@ class RegistryClient:
             await response.aclose()
             current = current.join(location)
         raise Unavailable(f"registry {self.host} redirected more than {MAX_REDIRECTS} times")
+
+    def _connect_error_message(self, url: httpx.URL, exc: httpx.ConnectError) -> str:
+        """Describe a failed connection, and for a TLS failure how to trust the registry."""
+        where = f"registry {self.host} at {url.copy_with(query=None)}"
+        cause = _ssl_cause(exc)
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (
+                f"could not verify the TLS certificate of {where}: {cause.verify_message}; "
+                "install the CA certificate that signed it on this host, or add "
+                f"{self.host} to insecureRegistries to skip verification"
+            )
+        if cause is not None:
+            return (
+                f"TLS handshake with {where} failed: {cause}; if the registry serves only "
+                f"plain HTTP or an untrusted certificate, add {self.host} to insecureRegistries"
+            )
+        return f"could not reach {where}: {exc!r}"
 
     def _downgrade(self, current: httpx.URL) -> bool:
         """Switch an insecure registry from HTTPS to HTTP after a failed TLS connection."""
@@ -628,6 +643,18 @@ class _TransientError(Unavailable):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    """Return the ssl error behind an httpx error, which wraps it in httpcore's error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _retry_after(value: str | None) -> float | None:

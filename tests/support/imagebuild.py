@@ -334,12 +334,17 @@ def _busybox_layer_cached() -> Layer:
 
 @dataclass
 class Pusher:
-    """Uploads blobs and manifests to one registry on 127.0.0.1 over plain HTTP."""
+    """Uploads blobs and manifests to one registry on 127.0.0.1 over plain HTTP.
+
+    With ``https`` set, it uses HTTPS without certificate verification, for a test registry
+    with a self-signed certificate.
+    """
 
     host: str
     auth: tuple[str, str] | None = None
     # A ready bearer token, for registries with token auth (see TokenServer.token_for).
     bearer: str | None = None
+    https: bool = False
     _client: httpx.Client = field(init=False)
 
     def __post_init__(self) -> None:
@@ -347,7 +352,11 @@ class Pusher:
             raise ValueError(f"refusing to push to {self.host}: tests push to 127.0.0.1 only")
         headers = {"Authorization": f"Bearer {self.bearer}"} if self.bearer else {}
         self._client = httpx.Client(
-            base_url=f"http://{self.host}", auth=self.auth, headers=headers, timeout=60
+            base_url=f"{'https' if self.https else 'http'}://{self.host}",
+            auth=self.auth,
+            headers=headers,
+            timeout=60,
+            verify=not self.https,
         )
 
     def close(self) -> None:
@@ -408,8 +417,13 @@ class Pusher:
 
 
 def push_image(
-    host: str, repository: str, tag: str, image: Image, auth: tuple[str, str] | None = None
+    host: str,
+    repository: str,
+    tag: str,
+    image: Image,
+    auth: tuple[str, str] | None = None,
+    https: bool = False,
 ) -> str:
     """Push ``image`` to ``host`` and return its reference ``HOST/REPO:TAG``."""
-    with Pusher(host, auth) as pusher:
+    with Pusher(host, auth, https=https) as pusher:
         return pusher.push_image(repository, tag, image)

@@ -3,7 +3,8 @@
 Storage is a temporary directory with deletes enabled, so tests can corrupt or remove blobs.
 With ``users`` given, the registry requires HTTP Basic credentials checked against a bcrypt
 htpasswd file. With ``auth`` given (such as ``TokenServer.registry_auth_config()``), that section
-is the registry's auth config instead.
+is the registry's auth config instead. With ``tls=True``, it serves HTTPS with a self-signed
+certificate that ``openssl`` generates into its temporary directory.
 
 ``FaultProxy`` sits between a client and a registry on 127.0.0.1. It records every request and
 can respond with an error status, cut a response after some bytes, stall it, or slow it down.
@@ -61,12 +62,16 @@ class Registry:
     """A running ``docker-registry serve`` process and its storage directory."""
 
     def __init__(
-        self, users: dict[str, str] | None = None, auth: dict[str, Any] | None = None
+        self,
+        users: dict[str, str] | None = None,
+        auth: dict[str, Any] | None = None,
+        tls: bool = False,
     ) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="servin-registry-"))
         self.storage = self.workdir / "data"
         self.users = dict(users or {})
         self.auth = auth
+        self.tls = tls
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._log_path = self.workdir / "registry.log"
@@ -78,7 +83,16 @@ class Registry:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
+
+    @property
+    def certificate(self) -> Path:
+        """The self-signed PEM certificate the registry serves when ``tls`` is set."""
+        return self.workdir / "tls.crt"
+
+    @property
+    def key(self) -> Path:
+        return self.workdir / "tls.key"
 
     def blob_path(self, digest: str) -> Path:
         """Return where the registry stores a blob, so tests can corrupt it."""
@@ -94,6 +108,8 @@ class Registry:
 
     def start(self) -> Self:
         """Start the registry and wait until ``/v2/`` responds, retrying on a port clash."""
+        if self.tls:
+            self._write_certificate()
         for attempt in range(3):
             self.port = free_port()
             self._write_config()
@@ -131,6 +147,9 @@ class Registry:
             process.wait()
 
     def _write_config(self) -> None:
+        http: dict[str, object] = {"addr": self.host, "secret": "servin-test-secret"}
+        if self.tls:
+            http["tls"] = {"certificate": str(self.certificate), "key": str(self.key)}
         config: dict[str, object] = {
             "version": 0.1,
             "log": {"level": "warn", "accesslog": {"disabled": True}},
@@ -141,7 +160,7 @@ class Registry:
                 # that a test corrupted on disk as it is. Upload purging is a needless timer.
                 "maintenance": {"uploadpurging": {"enabled": False}},
             },
-            "http": {"addr": self.host, "secret": "servin-test-secret"},
+            "http": http,
             # Manifests may name loopback URLs for non-distributable layers; the registry
             # rejects every such URL unless an allow pattern matches it.
             "validation": {"manifests": {"urls": {"allow": [r"^http://127\.0\.0\.1:"]}}},
@@ -155,13 +174,29 @@ class Registry:
             config["auth"] = self.auth
         (self.workdir / "config.yml").write_text(yaml.safe_dump(config))
 
+    def _write_certificate(self) -> None:
+        # A one-day P-256 certificate for the loopback names. Clients trust it only with
+        # verification off or with ``certificate`` as their CA file.
+        subprocess.run(
+            [
+                "openssl", "req", "-x509", "-newkey", "ec",
+                "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+                "-subj", "/CN=servin-test-registry",
+                "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1",
+                "-keyout", str(self.key), "-out", str(self.certificate),
+            ],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
             if self._process is None or self._process.poll() is not None:
                 return False
             try:
-                response = httpx.get(f"{self.url}/v2/", timeout=1.0)
+                # The certificate is self-signed, so readiness skips its verification.
+                response = httpx.get(f"{self.url}/v2/", timeout=1.0, verify=not self.tls)
             except httpx.TransportError:
                 time.sleep(0.05)
                 continue
