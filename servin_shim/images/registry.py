@@ -236,19 +236,30 @@ class RegistryClient:
         self._authorization: str | None = None
         if auth is not None and auth.registry_token:
             self._authorization = f"Bearer {auth.registry_token}"
-        self._client = httpx.AsyncClient(
+        options: dict[str, Any] = {
             # The read timeout bounds one stalled read; the image service's progress timeout
             # bounds the pull as a whole.
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
-            follow_redirects=False,
-            transport=transport,
-            verify=not insecure,
+            "timeout": httpx.Timeout(timeout, connect=min(timeout, 30.0)),
+            "follow_redirects": False,
+            "transport": transport,
             # Blobs are checked byte for byte, so no transfer encoding may alter them.
-            headers={"Accept-Encoding": "identity", "User-Agent": "servin-shim"},
-        )
+            "headers": {"Accept-Encoding": "identity", "User-Agent": "servin-shim"},
+        }
+        self._client = httpx.AsyncClient(verify=not insecure, **options)
+        # Only the listed registry itself skips certificate checks: its token realm and the
+        # storage hosts it redirects to are verified like any other host.
+        self._verified = httpx.AsyncClient(verify=True, **options) if insecure else self._client
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        if self._verified is not self._client:
+            await self._verified.aclose()
+
+    def _client_for(self, url: httpx.URL) -> httpx.AsyncClient:
+        """Return the client for ``url``: unverified TLS only for the registry's own host."""
+        if url.host == self.base_url.host and url.port == self.base_url.port:
+            return self._client
+        return self._verified
 
     async def __aenter__(self) -> Self:
         return self
@@ -520,9 +531,10 @@ class RegistryClient:
             # host (or to plain HTTP) goes without the Authorization header.
             if self._authorization and _origin(current) == _origin(self.base_url):
                 request_headers["Authorization"] = self._authorization
-            request = self._client.build_request(method, current, headers=request_headers)
+            client = self._client_for(current)
+            request = client.build_request(method, current, headers=request_headers)
             try:
-                response = await self._client.send(request, stream=True)
+                response = await client.send(request, stream=True)
             except httpx.ConnectError as exc:
                 # A refused or failed connection is not retried: a host that is down stays
                 # down for seconds, and a mirror list should move on at once.
@@ -605,7 +617,7 @@ class RegistryClient:
             repository=repository,
             send_credentials=send_credentials,
         )
-        token = await fetch_token(self._client, request, self.auth, self._tokens)
+        token = await fetch_token(self._client_for(realm), request, self.auth, self._tokens)
         self._authorization = f"Bearer {token}"
 
     def _check_status(self, response: httpx.Response, what: str) -> None:

@@ -20,10 +20,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Self
 
+import httpx
 import pytest
 
 from servin_shim.errors import Unavailable
 from servin_shim.images.auth import RegistryAuth
+from servin_shim.images.registry import RegistryClient
 from servin_shim.images.service import ImageService
 from tests.support.imagebuild import Image, push_image
 from tests.support.registry import Registry
@@ -273,3 +275,19 @@ async def test_plain_registry_listed(
     assert image_id == busybox.id
     assert plain_basic_tap.plaintext_connections() != []
     assert leaked_credentials(plain_basic_tap) != []
+
+
+async def test_insecure_host_only_skips_its_own_checks() -> None:
+    client = RegistryClient("mirror.internal:5000", insecure_registries=["mirror.internal:5000"])
+    try:
+        own = client._client_for(httpx.URL("https://mirror.internal:5000/v2/"))
+        realm = client._client_for(httpx.URL("https://auth.example/token"))
+        storage = client._client_for(httpx.URL("https://mirror.internal:9000/blob"))
+
+        # Certificate checks are skipped for the listed host and port alone.
+        assert own is client._client
+        assert realm is client._verified
+        assert storage is client._verified
+        assert realm is not own
+    finally:
+        await client.aclose()
