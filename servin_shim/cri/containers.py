@@ -103,6 +103,8 @@ class ContainerManager:
             raise InvalidArgument(
                 f"container {config.metadata.name!r} has no image: set config.image.image"
             )
+        if config.linux is not None and config.linux.resources is not None:
+            check_resource_values(config.linux.resources)
         sandbox = ctx.metadata.get_sandbox(sandbox_id)
         if sandbox.state != SANDBOX_READY:
             raise FailedPrecondition(

@@ -315,3 +315,25 @@ async def test_runtime_config_cgroupfs(daemon: Daemon) -> None:
 
     assert reply.linux is not None
     assert reply.linux.cgroup_driver is cri.CgroupDriver.CGROUPFS
+
+
+async def test_create_with_negative_memory_is_invalid(daemon: Daemon, busybox_ref: str) -> None:
+    await daemon.images.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_ref)))
+    pod = sandbox_config("negative")
+    sandbox_id = (await daemon.runtime.run_pod_sandbox(
+        cri.RunPodSandboxRequest(config=pod))).pod_sandbox_id
+    config = cri.ContainerConfig(
+        metadata=cri.ContainerMetadata(name="negative"),
+        image=cri.ImageSpec(image=busybox_ref),
+        linux=cri.LinuxContainerConfig(
+            resources=cri.LinuxContainerResources(memory_limit_in_bytes=-1)),
+    )
+
+    with pytest.raises(GRPCError) as error:
+        await daemon.runtime.create_container(cri.CreateContainerRequest(
+            pod_sandbox_id=sandbox_id, config=config, sandbox_config=pod))
+
+    assert error.value.status is Status.INVALID_ARGUMENT
+    assert "memory_limit_in_bytes" in (error.value.message or "")
+    listed = await daemon.runtime.list_containers(cri.ListContainersRequest())
+    assert listed.containers == []
