@@ -328,7 +328,7 @@ class SandboxManager:
         for mount in spec["mounts"]:
             if mount["type"] == "sysfs":
                 mount["options"] = [o for o in mount["options"] if o != "ro"] + ["rw"]
-        # The infra process only holds namespaces: it needs no capability at all.
+        # The infra process only keeps the namespaces alive, so it needs no capability.
         spec["process"]["capabilities"] = {k: [] for k in ("bounding", "effective", "permitted")}
         spec["process"]["noNewPrivileges"] = True
         if security is not None:

@@ -1,8 +1,8 @@
 """The CRI gRPC services, served for ``runtime.v1`` and ``runtime.v1alpha2`` by one set of handlers.
 
-Both API versions use the same field numbers and types for every field they share, so a
-v1alpha2 request decodes correctly into the v1 message class and a v1 reply decodes correctly
-in a v1alpha2 client (fields it does not know are skipped). One handler per RPC therefore serves
+Both API versions use the same field numbers and types for every field they share. So a
+v1alpha2 request decodes correctly into the v1 message class, and a v1alpha2 client decodes a
+v1 reply correctly, skipping the fields it does not have. One handler per RPC therefore serves
 both paths; only Version reports which API version the client used.
 
 Each handler is thin: decode, call the manager, map errors in ``as_grpc_status``, reply.
@@ -282,8 +282,8 @@ class CRIService:
             if f.id:
                 records = [r for r in records if r.id.startswith(f.id)]
             if f.state is not None:
-                wanted = cri.PodSandboxState(f.state.state).name
-                records = [r for r in records if r.state == wanted]
+                expected_state = cri.PodSandboxState(f.state.state).name
+                records = [r for r in records if r.state == expected_state]
             if f.label_selector:
                 records = [r for r in records if _labels_match(r.labels, f.label_selector)]
         records.sort(key=lambda r: r.created_at)
@@ -330,8 +330,8 @@ class CRIService:
             if f.id:
                 records = [r for r in records if r.id.startswith(f.id)]
             if f.state is not None:
-                wanted = cri.ContainerState(f.state.state).name
-                records = [r for r in records if r.state == wanted]
+                expected_state = cri.ContainerState(f.state.state).name
+                records = [r for r in records if r.state == expected_state]
             if f.pod_sandbox_id:
                 records = [r for r in records if r.sandbox_id.startswith(f.pod_sandbox_id)]
             if f.label_selector:
@@ -491,8 +491,8 @@ class CRIService:
         return cri.PullImageResponse(image_ref=record.id if record else image_id)
 
     async def list_images(self, request: cri.ListImagesRequest, api: str) -> cri.ListImagesResponse:
-        wanted = request.filter.image.image if request.filter and request.filter.image else None
-        records = self.ctx.images.list(wanted or None)
+        name = request.filter.image.image if request.filter and request.filter.image else None
+        records = self.ctx.images.list(name or None)
         return cri.ListImagesResponse(images=[convert.image(r) for r in records])
 
     async def image_status(

@@ -4,10 +4,10 @@ A pod's network namespace is bind-mounted on a file under ``<state dir>/netns``,
 and the CRI plugins do, so it lives independently of the infra process. CNI plugins can then run
 against its path before the infra starts and after it stops.
 
-The namespace is created in the daemon itself rather than with ``unshare(1)`` and ``ip``: a
-short-lived thread calls ``unshare(CLONE_NEWNET)`` (which moves only that thread), bind-mounts
-its namespace on the file, brings loopback up through an ioctl on a socket inside it, and
-returns to the daemon's namespace. That saves two process starts per pod.
+The namespace is created in the daemon itself rather than with ``unshare(1)`` and ``ip``, which
+saves two process starts per pod. A short-lived thread calls ``unshare(CLONE_NEWNET)``, which
+moves only that thread. It bind-mounts its namespace on the file, brings loopback up through an
+ioctl on a socket inside it, and returns to the daemon's namespace.
 """
 
 from __future__ import annotations

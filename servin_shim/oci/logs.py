@@ -22,7 +22,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-#: Longest text of one record, in bytes: the default of containerd's
+#: Maximum text of one record, in bytes: the default of containerd's
 #: ``max_container_log_line_size``.
 DEFAULT_MAX_LINE = 16 * 1024
 

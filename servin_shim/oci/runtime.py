@@ -35,7 +35,7 @@ class OCIRuntimeError(ServinError):
 
 @dataclass(frozen=True)
 class RuntimeState:
-    """What ``runc state`` reports: created, running, paused or stopped, and the init pid."""
+    """The state ``runc state`` reports: created, running, paused or stopped, and the init pid."""
 
     id: str
     status: str
