@@ -118,11 +118,15 @@ async def serve(settings: Settings) -> int:
         )
 
     def chain_ids_in_use() -> set[str]:
+        # Containers record their layers at create, so an image removed under a running
+        # container keeps its snapshots until that container is removed too.
         used: set[str] = set()
         for record in metadata.containers():
-            image = images.store.get(record.image_id)
-            if image is not None:
-                used.update(image.chain_ids)
+            chains = record.extra.get("chain_ids")
+            if chains is None:
+                image = images.store.get(record.image_id)
+                chains = image.chain_ids if image is not None else []
+            used.update(chains)
         return used
 
     images = ImageService(
@@ -163,6 +167,8 @@ async def serve(settings: Settings) -> int:
     service.streaming = stream_server
     await monitor.connect()
     await recover(service)
+    # Layers kept for containers whose image was removed, if they went while the daemon was down.
+    images.collect_snapshots()
 
     servers: list[Server] = []
     try:

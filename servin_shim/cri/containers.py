@@ -153,6 +153,8 @@ class ContainerManager:
             runtime_handler=sandbox.runtime_handler,
             stop_signal=image_stop_signal,
             config_b64=base64.b64encode(bytes(config)).decode(),
+            # The container's rootfs needs these layers even if its image is removed.
+            extra={"chain_ids": list(image.chain_ids)},
         )
         ctx.metadata.add_container(record)
         async with ctx.lock(record.id):
@@ -425,6 +427,9 @@ class ContainerManager:
             self._release_bundle(record.id)
             self.ctx.metadata.delete_container(record.id)
         self.ctx.locks.pop(record.id, None)
+        if self.ctx.images.status(record.image_id) is None:
+            # Its image was removed while it ran: the layers only it used can go now.
+            self.ctx.images.collect_snapshots()
         log.info("removed container id=%s", record.id)
 
     async def stop_all(self, sandbox_id: str) -> None:

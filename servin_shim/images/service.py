@@ -641,19 +641,40 @@ class ImageService:
         record = self.store.get(image_id)
         if record is None:
             return
+        # Ask for the layers containers use before the record goes: the callback may look the
+        # containers' images up in this store.
+        in_use = set(self._in_use_chain_ids()) if self._in_use_chain_ids is not None else set()
         self.store.delete(image_id)
         blobs, chains = self.store.referenced()
         for busy in self._pinned_by_pulls:
             blobs |= busy
             chains |= busy
-        if self._in_use_chain_ids is not None:
-            chains |= set(self._in_use_chain_ids())
+        chains |= in_use
         for digest in record.blobs:
             if digest not in blobs:
                 self.content.delete(digest)
         for chain in record.chain_ids:
             if chain not in chains:
                 self.snapshots.delete(chain)
+
+    def collect_snapshots(self) -> list[str]:
+        """Delete snapshots that no image and no container uses; return their chain IDs.
+
+        A container keeps the layers of an image removed while it ran, so they are freed here
+        once the container is gone. Blobs are left alone: a layer blob without an image may be
+        waiting for an interrupted pull to resume.
+        """
+        _, chains = self.store.referenced()
+        for busy in self._pinned_by_pulls:
+            chains |= busy
+        if self._in_use_chain_ids is not None:
+            chains |= set(self._in_use_chain_ids())
+        freed = [chain for chain in self.snapshots.chain_ids() if chain not in chains]
+        for chain in freed:
+            self.snapshots.delete(chain)
+        if freed:
+            log.info("freed snapshots no image or container uses count=%d", len(freed))
+        return freed
 
 
 def config_diff_ids(reference: Reference | str, config: Any, layer_count: int) -> list[str]:
