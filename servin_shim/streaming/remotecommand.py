@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import signal
 from typing import Any
 
 from servin_shim.errors import ServinError
@@ -138,7 +140,7 @@ class ExecSession:
         log.info("exec started id=%s pid=%d tty=%s", request.container_id, process.pid,
                  request.tty)
         try:
-            code = await self._copy(process)
+            code = await self._copy(process, conn)
         finally:
             process.close()
         log.info("exec finished id=%s pid=%d exit_code=%d", request.container_id, process.pid,
@@ -146,7 +148,7 @@ class ExecSession:
         await self._finish(success_status() if code == 0 else
                            exit_code_status(code, request.cmd))
 
-    async def _copy(self, process: ExecProcess) -> int:
+    async def _copy(self, process: ExecProcess, conn: SpdyConnection) -> int:
         exited = asyncio.Event()
         outputs = []
         for name, fd in (("stdout", process.stdout_fd), ("stderr", process.stderr_fd)):
@@ -159,13 +161,23 @@ class ExecSession:
             inputs.append(asyncio.ensure_future(self._pump_input(process, self.streams["stdin"])))
         if "resize" in self.streams:
             inputs.append(asyncio.ensure_future(_read_resizes(process, self.streams["resize"])))
+        closed = asyncio.ensure_future(conn.closed.wait())
         try:
+            await asyncio.wait({process.exited, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if not process.exited.done():
+                # Nobody reads the output any more, as when kubectl exec is cut off: the
+                # process is killed, as containerd and CRI-O do, instead of lingering.
+                log.info("exec client disconnected, killing the process id=%s pid=%d",
+                         self.request.container_id, process.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
             code = await process.exited
             exited.set()
             # Output the process wrote before it exited is in the pipes: drain it, but do not
             # wait for background children that may keep the pipes open.
             await asyncio.gather(*outputs, return_exceptions=True)
         finally:
+            closed.cancel()
             exited.set()
             for task in inputs + outputs:
                 task.cancel()

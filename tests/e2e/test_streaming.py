@@ -204,3 +204,23 @@ async def test_port_forward_closed_port(pod: Pod) -> None:
 
     assert data == b""
     assert b"failed to connect to port 9" in error
+
+
+async def test_exec_killed_when_client_disconnects(pod: Pod, sleeper: str) -> None:
+    url = await pod.exec_url(sleeper, ["sh", "-c", "echo marker; exec sleep 777"])
+    client = await SpdyClient.connect(url, ("v4.channel.k8s.io",))
+    await client.open_stream({"streamType": "error"})
+    stdout = await client.open_stream({"streamType": "stdout"})
+    await client.open_stream({"streamType": "stderr"})
+    await stdout.read_until(b"marker")
+
+    await client.close()
+
+    probe = ["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"]
+    for _ in range(50):
+        listed = await pod.daemon.runtime.exec_sync(cri.ExecSyncRequest(
+            container_id=sleeper, cmd=probe, timeout=5))
+        if b"sleep 777" not in listed.stdout:
+            break
+        await asyncio.sleep(0.1)
+    assert b"sleep 777" not in listed.stdout
