@@ -22,6 +22,8 @@ import yaml
 from grpclib.client import Channel
 
 from servin_shim.api.runtime import v1 as cri
+from servin_shim.oci.cgroups import remove_cgroup
+from servin_shim.oci.resources import pod_cgroup_parent
 
 START_TIMEOUT = 30.0
 SERVIN_BINARY = str(Path(sys.executable).parent / "servin-shim")
@@ -137,6 +139,12 @@ class Daemon:
                 subprocess.run([handler, "--root", str(root), "delete", "--force", item["id"]],
                                capture_output=True, check=False)
         self.kill_monitor()
+        # runc removes each container's cgroup, not the pod cgroup above them that the daemon
+        # would remove with RemovePodSandbox.
+        sandboxes = self.state / "sandboxes"
+        if sandboxes.exists():
+            for sandbox in sandboxes.iterdir():
+                remove_cgroup(pod_cgroup_parent("", sandbox.name))
         for point in mounts_under(self.workdir):
             subprocess.run(["umount", "-l", point], capture_output=True, check=False)
         with contextlib.suppress(OSError):
