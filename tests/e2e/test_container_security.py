@@ -7,7 +7,6 @@ import json
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from grpclib.exceptions import GRPCError
 from servin_shim.api.runtime import v1 as cri
 from servin_shim.oci import security
 from servin_shim.oci.spec import DEFAULT_CAPABILITIES
-from tests.e2e.helpers import sandbox_config, wait_for_state
+from tests.e2e.helpers import Pod, sandbox_config, wait_for_state
 from tests.support.daemon import Daemon
 
 
@@ -25,12 +24,8 @@ def capability_mask(names: list[str]) -> int:
     return sum(1 << security.CAPABILITY_NAMES.index(n.removeprefix("CAP_")) for n in names)
 
 
-@dataclass
-class Pod:
-    daemon: Daemon
-    image: str
-    sandbox_id: str
-    config: cri.PodSandboxConfig
+class SecurityPod(Pod):
+    """A privileged pod whose containers run a script and report what they saw."""
 
     async def create(self, name: str, script: str, **fields: object) -> str:
         config = cri.ContainerConfig(
@@ -62,28 +57,28 @@ def status_field(output: str, name: str) -> str:
 
 
 @pytest.fixture
-async def pod(daemon: Daemon, busybox_ref: str) -> AsyncIterator[Pod]:
+async def pod(daemon: Daemon, busybox_ref: str) -> AsyncIterator[SecurityPod]:
     await daemon.images.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_ref)))
     config = sandbox_config("security", log_directory=daemon.logs,
                             security_context=cri.LinuxSandboxSecurityContext(privileged=True))
     run = await daemon.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
-    yield Pod(daemon, busybox_ref, run.pod_sandbox_id, config)
+    yield SecurityPod(daemon, busybox_ref, run.pod_sandbox_id, config)
 
 
-async def test_default_capabilities(pod: Pod) -> None:
+async def test_default_capabilities(pod: SecurityPod) -> None:
     output = await pod.output("caps", "cat /proc/self/status")
     assert int(status_field(output, "CapEff"), 16) == capability_mask(DEFAULT_CAPABILITIES)
     assert int(status_field(output, "CapBnd"), 16) == capability_mask(DEFAULT_CAPABILITIES)
 
 
-async def test_drop_all_add_one(pod: Pod) -> None:
+async def test_drop_all_add_one(pod: SecurityPod) -> None:
     caps = cri.Capability(add_capabilities=["NET_ADMIN"], drop_capabilities=["ALL"])
     output = await pod.output("netadmin", "cat /proc/self/status",
                               linux=context(capabilities=caps))
     assert int(status_field(output, "CapEff"), 16) == capability_mask(["CAP_NET_ADMIN"])
 
 
-async def test_readonly_rootfs_and_no_new_privs(pod: Pod) -> None:
+async def test_readonly_rootfs_and_no_new_privs(pod: SecurityPod) -> None:
     output = await pod.output(
         "locked", "grep NoNewPrivs /proc/self/status; touch /x 2>/dev/null || echo denied; "
         "touch /tmp/x 2>/dev/null || echo tmp-denied",
@@ -93,7 +88,7 @@ async def test_readonly_rootfs_and_no_new_privs(pod: Pod) -> None:
     assert "tmp-denied" in output.splitlines()
 
 
-async def test_seccomp_default_blocks_unshare(pod: Pod) -> None:
+async def test_seccomp_default_blocks_unshare(pod: SecurityPod) -> None:
     script = ("grep ^Seccomp: /proc/self/status; "
               "unshare -U true 2>/dev/null && echo allowed || echo blocked")
     confined = await pod.output("confined", script)
@@ -116,7 +111,7 @@ async def test_seccomp_localhost_profile(pod: Pod, tmp_path: Path) -> None:
     assert output == "refused"
 
 
-async def test_privileged_container(pod: Pod) -> None:
+async def test_privileged_container(pod: SecurityPod) -> None:
     output = await pod.output(
         "privileged", "cat /proc/self/status; ls /dev; grep ' /sys ' /proc/mounts",
         linux=context(privileged=True))
@@ -128,19 +123,19 @@ async def test_privileged_container(pod: Pod) -> None:
     assert "rw" in sysfs_options
 
 
-async def test_unprivileged_sysfs_read_only(pod: Pod) -> None:
+async def test_unprivileged_sysfs_read_only(pod: SecurityPod) -> None:
     output = await pod.output("sysfs", "grep ' /sys ' /proc/mounts")
 
     assert "ro" in output.split()[3].split(",")
 
 
-async def test_masked_paths_from_request(pod: Pod) -> None:
+async def test_masked_paths_from_request(pod: SecurityPod) -> None:
     output = await pod.output("masked", "wc -c < /proc/cpuinfo",
                               linux=context(masked_paths=["/proc/cpuinfo"]))
     assert output == "0"
 
 
-async def test_device_permissions(pod: Pod) -> None:
+async def test_device_permissions(pod: SecurityPod) -> None:
     # runc always allows its default devices (/dev/null, /dev/zero, ...), so use another one.
     script = "(true > /dev/lc) 2>/dev/null && echo write || echo no-write"
     devices = {}
@@ -191,7 +186,7 @@ async def test_rshared_on_shared_mount(pod: Pod, shared_mount: Path) -> None:
     assert "shared:" in output
 
 
-async def test_cgroup_resources(pod: Pod) -> None:
+async def test_cgroup_resources(pod: SecurityPod) -> None:
     resources = cri.LinuxContainerResources(
         cpu_period=100_000, cpu_quota=50_000, cpu_shares=256, cpuset_cpus="0",
         memory_limit_in_bytes=64 << 20, memory_swap_limit_in_bytes=128 << 20, oom_score_adj=500)
@@ -204,7 +199,7 @@ async def test_cgroup_resources(pod: Pod) -> None:
                                    "500"]
 
 
-async def test_oom_score_adj_clamped(pod: Pod) -> None:
+async def test_oom_score_adj_clamped(pod: SecurityPod) -> None:
     own = Path("/proc/self/oom_score_adj").read_text().strip()
     resources = cri.LinuxContainerResources(oom_score_adj=-1000)
     output = await pod.output("oom", "cat /proc/self/oom_score_adj",

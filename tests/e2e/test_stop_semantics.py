@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
 
 from servin_shim.api.runtime import v1 as cri
-from tests.e2e.helpers import container_config, run_container, sandbox_config, wait_for_state
+from tests.e2e.helpers import Pod, container_config, run_container, sandbox_config, wait_for_state
 from tests.support.daemon import Daemon
 from tests.support.imagebuild import busybox_image, push_image
 from tests.support.registry import Registry
@@ -19,14 +18,10 @@ from tests.support.registry import Registry
 STUBBORN = "trap 'echo got-term' TERM; echo ready; while true; do sleep 0.1; done"
 
 
-@dataclass
-class Pod:
-    daemon: Daemon
-    image: str
-    sandbox_id: str
-    config: cri.PodSandboxConfig
+class StopPod(Pod):
+    """A pod whose containers announce "ready" in their logs before a test stops them."""
 
-    async def run(self, name: str, script: str, image: str = "") -> str:
+    async def run_ready(self, name: str, script: str, image: str = "") -> str:
         config = container_config(image or self.image, name, command=["sh", "-c", script],
                                   log_path=f"{name}.log")
         container_id = await run_container(self.daemon.runtime, self.sandbox_id, self.config,
@@ -56,15 +51,15 @@ class Pod:
 
 
 @pytest.fixture
-async def pod(daemon: Daemon, busybox_ref: str) -> AsyncIterator[Pod]:
+async def pod(daemon: Daemon, busybox_ref: str) -> AsyncIterator[StopPod]:
     await daemon.images.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_ref)))
     config = sandbox_config("stop", log_directory=daemon.logs)
     run = await daemon.runtime.run_pod_sandbox(cri.RunPodSandboxRequest(config=config))
-    yield Pod(daemon, busybox_ref, run.pod_sandbox_id, config)
+    yield StopPod(daemon, busybox_ref, run.pod_sandbox_id, config)
 
 
-async def test_stop_timeout_zero_kills_at_once(pod: Pod) -> None:
-    container_id = await pod.run("instant", "trap 'echo got-term; exit 5' TERM; echo ready; "
+async def test_stop_timeout_zero_kills_at_once(pod: StopPod) -> None:
+    container_id = await pod.run_ready("instant", "trap 'echo got-term; exit 5' TERM; echo ready; "
                                             "while true; do sleep 0.1; done")
 
     elapsed = await pod.stop(container_id, 0)
@@ -76,8 +71,8 @@ async def test_stop_timeout_zero_kills_at_once(pod: Pod) -> None:
     assert b"got-term" not in (pod.daemon.logs / "instant.log").read_bytes()
 
 
-async def test_stop_kills_at_deadline(pod: Pod) -> None:
-    container_id = await pod.run("stubborn", STUBBORN)
+async def test_stop_kills_at_deadline(pod: StopPod) -> None:
+    container_id = await pod.run_ready("stubborn", STUBBORN)
 
     elapsed = await pod.stop(container_id, 1)
 
@@ -92,7 +87,7 @@ async def test_stop_uses_image_stop_signal(pod: Pod, registry: Registry) -> None
     image = push_image(registry.host, "test/busybox-usr1", "1",
                        busybox_image(stop_signal="SIGUSR1"))
     await pod.daemon.images.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
-    container_id = await pod.run("usr1", "trap 'exit 7' USR1; trap 'exit 9' TERM; echo ready; "
+    container_id = await pod.run_ready("usr1", "trap 'exit 7' USR1; trap 'exit 9' TERM; echo ready; "
                                          "while true; do sleep 0.1; done", image=image)
 
     elapsed = await pod.stop(container_id, 10)
@@ -102,8 +97,8 @@ async def test_stop_uses_image_stop_signal(pod: Pod, registry: Registry) -> None
     assert elapsed < 5
 
 
-async def test_second_stop_keeps_grace_period(pod: Pod) -> None:
-    container_id = await pod.run("graceful", STUBBORN)
+async def test_second_stop_keeps_grace_period(pod: StopPod) -> None:
+    container_id = await pod.run_ready("graceful", STUBBORN)
     first = asyncio.create_task(pod.stop(container_id, 2))
     await pod.wait_for_output("graceful", b"got-term")
 
@@ -120,7 +115,7 @@ async def test_second_stop_keeps_grace_period(pod: Pod) -> None:
     assert log_text.count(b"got-term") == 1
 
 
-async def test_stop_exited_container_succeeds(pod: Pod) -> None:
+async def test_stop_exited_container_succeeds(pod: StopPod) -> None:
     config = container_config(pod.image, "done", command=["true"])
     container_id = await run_container(pod.daemon.runtime, pod.sandbox_id, pod.config, config)
     await wait_for_state(pod.daemon.runtime, container_id, cri.ContainerState.CONTAINER_EXITED)
@@ -132,7 +127,7 @@ async def test_stop_exited_container_succeeds(pod: Pod) -> None:
     assert status.reason == "Completed"
 
 
-async def test_stop_unknown_container_succeeds(pod: Pod) -> None:
+async def test_stop_unknown_container_succeeds(pod: StopPod) -> None:
     elapsed = await pod.stop("f" * 64, 10)
 
     assert elapsed < 2
