@@ -59,8 +59,8 @@ async def pod(daemon: Daemon, busybox_ref: str) -> AsyncIterator[StopPod]:
 
 
 async def test_stop_timeout_zero_kills_at_once(pod: StopPod) -> None:
-    container_id = await pod.run_ready("instant", "trap 'echo got-term; exit 5' TERM; echo ready; "
-                                            "while true; do sleep 0.1; done")
+    container_id = await pod.run_ready(
+        "instant", "trap 'echo got-term; exit 5' TERM; echo ready; while true; do sleep 0.1; done")
 
     elapsed = await pod.stop(container_id, 0)
 
@@ -87,8 +87,8 @@ async def test_stop_uses_image_stop_signal(pod: Pod, registry: Registry) -> None
     image = push_image(registry.host, "test/busybox-usr1", "1",
                        busybox_image(stop_signal="SIGUSR1"))
     await pod.daemon.images.pull_image(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
-    container_id = await pod.run_ready("usr1", "trap 'exit 7' USR1; trap 'exit 9' TERM; echo ready; "
-                                         "while true; do sleep 0.1; done", image=image)
+    script = "trap 'exit 7' USR1; trap 'exit 9' TERM; echo ready; while true; do sleep 0.1; done"
+    container_id = await pod.run_ready("usr1", script, image=image)
 
     elapsed = await pod.stop(container_id, 10)
 
