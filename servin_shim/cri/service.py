@@ -210,13 +210,32 @@ class CRIService:
             status=cri.RuntimeStatus(
                 conditions=[
                     cri.RuntimeCondition(type="RuntimeReady", status=True),
-                    # Pods get a private network namespace with loopback; CNI adds interfaces.
-                    cri.RuntimeCondition(type="NetworkReady", status=True),
+                    self._network_condition(),
                 ]
             ),
             runtime_handlers=[
                 cri.RuntimeHandler(name=name) for name in sorted(self.ctx.runtimes)
             ],
+        )
+
+    def _network_condition(self) -> cri.RuntimeCondition:
+        """Report the pod network as kubelet gates scheduling on it.
+
+        Pods get a private network namespace with loopback only, since no CNI plugin is
+        called yet. With ``network.plugin: cni`` that is not the network the operator asked
+        for, so the condition is false, as containerd reports a node without a CNI config.
+        With ``none`` loopback is what was asked for.
+        """
+        if self.ctx.config.network.plugin == "none":
+            return cri.RuntimeCondition(type="NetworkReady", status=True)
+        return cri.RuntimeCondition(
+            type="NetworkReady",
+            status=False,
+            reason="NetworkPluginNotReady",
+            message=(
+                f"{RUNTIME_NAME} does not call CNI plugins yet, so pods get loopback only; "
+                "set spec.network.plugin to none to accept that"
+            ),
         )
 
     async def update_runtime_config(

@@ -116,8 +116,24 @@ async def test_version_reports_v1(daemon: Daemon) -> None:
     assert version.runtime_name == "servin-shim"
 
 
-async def test_status_reports_runtime_ready(daemon: Daemon) -> None:
+async def test_status_network_not_ready_for_cni(daemon: Daemon) -> None:
     reply = await daemon.runtime.status(cri.StatusRequest())
+
+    assert reply.status is not None
+    conditions = {c.type: c for c in reply.status.conditions}
+    assert conditions["RuntimeReady"].status
+    assert not conditions["NetworkReady"].status
+    assert conditions["NetworkReady"].reason == "NetworkPluginNotReady"
+    assert "spec.network.plugin" in conditions["NetworkReady"].message
+
+
+async def test_status_network_ready_without_plugin() -> None:
+    server = Daemon({"network": {"plugin": "none"}})
+    try:
+        server.start()
+        reply = await server.runtime.status(cri.StatusRequest())
+    finally:
+        server.cleanup()
 
     assert reply.status is not None
     conditions = {c.type: c.status for c in reply.status.conditions}
