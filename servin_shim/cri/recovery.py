@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from servin_shim.cri.context import now_ns
-from servin_shim.oci import rootfs
+from servin_shim.oci import cgroups, rootfs
+from servin_shim.oci import resources as ociresources
 from servin_shim.oci.io import StreamPump
 from servin_shim.oci.logs import CRILogWriter
 from servin_shim.oci.shim import UNKNOWN_EXIT_CODE, ContainerShim
@@ -166,6 +167,9 @@ async def _clean_leftovers(service: CRIService, sandbox_ids: set[str], container
             for relative in mounts:
                 rootfs.unmount(directory / relative)
             rootfs.remove_tree(directory)
+            if parent.name == "sandboxes":
+                # The pod cgroup that servin-shim creates when kubelet gives no parent.
+                cgroups.remove_cgroup(ociresources.pod_cgroup_parent("", directory.name))
             log.warning("removed state directory that no record claims path=%s", directory)
     for parent, ids in (
         (ctx.paths.root / "sandboxes", sandbox_ids),

@@ -657,7 +657,7 @@ class ImageService:
             if chain not in chains:
                 self.snapshots.delete(chain)
 
-    def collect_snapshots(self) -> list[str]:
+    def collect_snapshots(self) -> builtins.list[str]:
         """Delete snapshots that no image and no container uses; return their chain IDs.
 
         A container keeps the layers of an image removed while it ran, so they are freed here

@@ -163,7 +163,8 @@ class ExecSession:
             inputs.append(asyncio.ensure_future(_read_resizes(process, self.streams["resize"])))
         closed = asyncio.ensure_future(conn.closed.wait())
         try:
-            await asyncio.wait({process.exited, closed}, return_when=asyncio.FIRST_COMPLETED)
+            waiters: set[asyncio.Future[Any]] = {process.exited, closed}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             if not process.exited.done():
                 # Nobody reads the output any more, as when kubectl exec is cut off: the
                 # process is killed, as containerd and CRI-O do, instead of lingering.

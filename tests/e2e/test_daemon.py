@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import stat
 import subprocess
+from pathlib import Path
 
 from servin_shim.api.runtime import v1 as cri
 from tests.e2e.helpers import container_config, run_container, sandbox_config, wait_for_state
@@ -181,6 +182,7 @@ async def test_restart_cleans_unclaimed_leftovers(busybox_ref: str) -> None:
         assert server.mounts() == []
         assert not (server.state / "netns" / sandbox_id).exists()
         assert not (server.state / "sandboxes" / sandbox_id).exists()
+        assert not Path(f"/sys/fs/cgroup/memory/servin/{sandbox_id}").exists()
         log_text = server.log_text()
         assert f"removed runtime container that no record claims id={sandbox_id}" in log_text
         assert f"removed network namespace that no sandbox claims id={sandbox_id}" in log_text
