@@ -309,7 +309,7 @@ class Protocol(betterproto2.Enum):
 
 class SecurityProfileProfileType(betterproto2.Enum):
     """
-    Which kind of profile to apply.
+    Kind of profile to apply.
     """
 
     RuntimeDefault = 0
@@ -459,7 +459,7 @@ class Signal(betterproto2.Enum):
 
 class SupplementalGroupsPolicy(betterproto2.Enum):
     """
-    How the supplemental groups of the first container process are computed.
+    Policy for computing the supplemental groups of the first container process.
     """
 
     Merge = 0
@@ -877,7 +877,7 @@ default_message_pool.register_message("runtime.v1", "ContainerResources", Contai
 @dataclass(eq=False, repr=False)
 class ContainerStateValue(betterproto2.Message):
     """
-    Wrapper that tells an unset container state apart from CONTAINER_CREATED.
+    Wrapper that distinguishes an unset container state from CONTAINER_CREATED.
     """
 
     state: "ContainerState" = betterproto2.field(
@@ -1541,7 +1541,7 @@ default_message_pool.register_message("runtime.v1", "ImageStatusResponse", Image
 @dataclass(eq=False, repr=False)
 class Int64Value(betterproto2.Message):
     """
-    Wrapper that tells an unset int64 apart from zero.
+    Wrapper that distinguishes an unset int64 from zero.
     """
 
     value: "int" = betterproto2.field(1, betterproto2.TYPE_INT64)
@@ -2573,7 +2573,7 @@ default_message_pool.register_message(
 @dataclass(eq=False, repr=False)
 class PodSandboxStateValue(betterproto2.Message):
     """
-    Wrapper that tells an unset sandbox state apart from SANDBOX_READY.
+    Wrapper that distinguishes an unset sandbox state from SANDBOX_READY.
     """
 
     state: "PodSandboxState" = betterproto2.field(
@@ -3545,7 +3545,7 @@ default_message_pool.register_message("runtime.v1", "SwapUsage", SwapUsage)
 @dataclass(eq=False, repr=False)
 class UInt64Value(betterproto2.Message):
     """
-    Wrapper that tells an unset uint64 apart from zero.
+    Wrapper that distinguishes an unset uint64 from zero.
     """
 
     value: "int" = betterproto2.field(1, betterproto2.TYPE_UINT64)

@@ -221,7 +221,7 @@ class Protocol(betterproto2.Enum):
 
 class SecurityProfileProfileType(betterproto2.Enum):
     """
-    Which kind of profile to apply.
+    Kind of profile to apply.
     """
 
     RuntimeDefault = 0
@@ -521,7 +521,7 @@ default_message_pool.register_message("runtime.v1alpha2", "ContainerResources", 
 @dataclass(eq=False, repr=False)
 class ContainerStateValue(betterproto2.Message):
     """
-    Wrapper that tells an unset container state apart from CONTAINER_CREATED.
+    Wrapper that distinguishes an unset container state from CONTAINER_CREATED.
     """
 
     state: "ContainerState" = betterproto2.field(
@@ -1121,7 +1121,7 @@ default_message_pool.register_message(
 @dataclass(eq=False, repr=False)
 class Int64Value(betterproto2.Message):
     """
-    Wrapper that tells an unset int64 apart from zero.
+    Wrapper that distinguishes an unset int64 from zero.
     """
 
     value: "int" = betterproto2.field(1, betterproto2.TYPE_INT64)
@@ -1954,7 +1954,7 @@ default_message_pool.register_message(
 @dataclass(eq=False, repr=False)
 class PodSandboxStateValue(betterproto2.Message):
     """
-    Wrapper that tells an unset sandbox state apart from SANDBOX_READY.
+    Wrapper that distinguishes an unset sandbox state from SANDBOX_READY.
     """
 
     state: "PodSandboxState" = betterproto2.field(
@@ -2595,7 +2595,7 @@ default_message_pool.register_message(
 @dataclass(eq=False, repr=False)
 class UInt64Value(betterproto2.Message):
     """
-    Wrapper that tells an unset uint64 apart from zero.
+    Wrapper that distinguishes an unset uint64 from zero.
     """
 
     value: "int" = betterproto2.field(1, betterproto2.TYPE_UINT64)
