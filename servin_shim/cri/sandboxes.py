@@ -2,7 +2,7 @@
 
 A sandbox is a set of namespaces held open by an infra process. By default the infra process is
 Debian's static ``catatonit -P`` bind-mounted into an empty root, so no pause image needs to be
-pulled; when a sandbox image is configured, that image's entrypoint runs instead. The network
+pulled. When a sandbox image is configured, that image's entrypoint runs instead. The network
 namespace is a persistent file (see ``servin_shim.network.netns``) that the infra joins.
 """
 
