@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import betterproto2
 import grpclib.const
@@ -34,7 +34,12 @@ from servin_shim.cri.sandboxes import SandboxManager
 from servin_shim.cri.stats import StatsCollector
 from servin_shim.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from servin_shim.images.auth import RegistryAuth
-from servin_shim.state.records import CONTAINER_RUNNING, SANDBOX_READY
+from servin_shim.state.records import (
+    CONTAINER_RUNNING,
+    SANDBOX_READY,
+    ContainerRecord,
+    SandboxRecord,
+)
 
 log = logging.getLogger("servin_shim.cri")
 
@@ -298,13 +303,10 @@ class CRIService:
         records = self.ctx.metadata.sandboxes()
         f = request.filter
         if f is not None:
-            if f.id:
-                records = [r for r in records if r.id.startswith(f.id)]
+            records = _select(records, f.id, f.label_selector)
             if f.state is not None:
                 expected_state = cri.PodSandboxState(f.state.state).name
                 records = [r for r in records if r.state == expected_state]
-            if f.label_selector:
-                records = [r for r in records if _labels_match(r.labels, f.label_selector)]
         records.sort(key=lambda r: r.created_at)
         return cri.ListPodSandboxResponse(items=[convert.pod_sandbox(r) for r in records])
 
@@ -346,15 +348,10 @@ class CRIService:
         records = self.ctx.metadata.containers()
         f = request.filter
         if f is not None:
-            if f.id:
-                records = [r for r in records if r.id.startswith(f.id)]
+            records = _select(records, f.id, f.label_selector, f.pod_sandbox_id)
             if f.state is not None:
                 expected_state = cri.ContainerState(f.state.state).name
                 records = [r for r in records if r.state == expected_state]
-            if f.pod_sandbox_id:
-                records = [r for r in records if r.sandbox_id.startswith(f.pod_sandbox_id)]
-            if f.label_selector:
-                records = [r for r in records if _labels_match(r.labels, f.label_selector)]
         records.sort(key=lambda r: r.created_at)
         return cri.ListContainersResponse(containers=[convert.container(r) for r in records])
 
@@ -468,12 +465,7 @@ class CRIService:
         records = [r for r in self.ctx.metadata.containers() if r.state == CONTAINER_RUNNING]
         f = request.filter
         if f is not None:
-            if f.id:
-                records = [r for r in records if r.id.startswith(f.id)]
-            if f.pod_sandbox_id:
-                records = [r for r in records if r.sandbox_id.startswith(f.pod_sandbox_id)]
-            if f.label_selector:
-                records = [r for r in records if _labels_match(r.labels, f.label_selector)]
+            records = _select(records, f.id, f.label_selector, f.pod_sandbox_id)
         return cri.ListContainerStatsResponse(
             stats=[await self.stats.container(r) for r in records]
         )
@@ -490,10 +482,7 @@ class CRIService:
         records = [r for r in self.ctx.metadata.sandboxes() if r.state == SANDBOX_READY]
         f = request.filter
         if f is not None:
-            if f.id:
-                records = [r for r in records if r.id.startswith(f.id)]
-            if f.label_selector:
-                records = [r for r in records if _labels_match(r.labels, f.label_selector)]
+            records = _select(records, f.id, f.label_selector)
         return cri.ListPodSandboxStatsResponse(
             stats=[await self.stats.sandbox(r) for r in records]
         )
@@ -590,6 +579,21 @@ def _require(value: str, field: str) -> None:
 
 def _labels_match(labels: dict[str, str], selector: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+_Record = TypeVar("_Record", SandboxRecord, ContainerRecord)
+
+
+def _select(
+    records: list[_Record], id_prefix: str, selector: dict[str, str], sandbox_prefix: str = ""
+) -> list[_Record]:
+    """Keep the records whose id (and sandbox id) start with the prefixes and labels match."""
+    return [
+        r for r in records
+        if r.id.startswith(id_prefix)
+        and (not sandbox_prefix or getattr(r, "sandbox_id", "").startswith(sandbox_prefix))
+        and _labels_match(r.labels, selector)
+    ]
 
 
 def _json(data: Any) -> str:

@@ -106,3 +106,30 @@ async def test_pod_network_has_only_loopback_up(pod: Pod) -> None:
     assert output[:-1] == ["lo"]
     # IFF_UP is bit 0 of the interface flags.
     assert int(output[-1], 16) & 0x1
+
+
+async def test_list_filters_select_records(pod: Pod) -> None:
+    running = await pod.run("running", "sleep 100")
+    exited = await pod.run("exited", "true")
+    await wait_for_state(pod.daemon.runtime, exited, cri.ContainerState.CONTAINER_EXITED)
+    runtime = pod.daemon.runtime
+
+    by_label = await runtime.list_containers(cri.ListContainersRequest(
+        filter=cri.ContainerFilter(label_selector={"container": "running"})))
+    by_prefix = await runtime.list_containers(cri.ListContainersRequest(
+        filter=cri.ContainerFilter(id=exited[:12], pod_sandbox_id=pod.sandbox_id[:12])))
+    by_state = await runtime.list_containers(cri.ListContainersRequest(filter=cri.ContainerFilter(
+        state=cri.ContainerStateValue(state=cri.ContainerState.CONTAINER_EXITED))))
+    other_pod = await runtime.list_containers(cri.ListContainersRequest(
+        filter=cri.ContainerFilter(pod_sandbox_id="f" * 12)))
+    pods = await runtime.list_pod_sandbox(cri.ListPodSandboxRequest(
+        filter=cri.PodSandboxFilter(label_selector={"app": "containers"})))
+    no_pods = await runtime.list_pod_sandbox(cri.ListPodSandboxRequest(
+        filter=cri.PodSandboxFilter(label_selector={"app": "other"})))
+
+    assert [c.id for c in by_label.containers] == [running]
+    assert [c.id for c in by_prefix.containers] == [exited]
+    assert [c.id for c in by_state.containers] == [exited]
+    assert other_pod.containers == []
+    assert [p.id for p in pods.items] == [pod.sandbox_id]
+    assert no_pods.items == []
