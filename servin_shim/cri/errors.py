@@ -16,7 +16,7 @@ log = logging.getLogger("servin_shim.cri")
 
 @contextlib.contextmanager
 def as_grpc_status(method: str, ids: str) -> Iterator[None]:
-    """Translate our errors into GRPCError; log unexpected ones and answer INTERNAL."""
+    """Translate our errors into GRPCError; log unexpected ones and return INTERNAL."""
     try:
         yield
     except GRPCError:

@@ -7,7 +7,7 @@ verified HTTPS. The client handles 401 challenges with HTTP Basic or the bearer 
 the distribution spec (see ``auth.py``). Credentials go only to the registry endpoint they were
 given for, and to the token realm that endpoint names when the realm is HTTPS or loopback.
 
-Blob downloads check size and digest while streaming. Connection resets, 5xx and 429 answers
+Blob downloads check size and digest while streaming. Connection resets, 5xx and 429 responses
 are retried with exponential backoff (honouring Retry-After), and a retry resumes the partial
 download with a Range request when the registry supports it.
 """

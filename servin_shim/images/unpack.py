@@ -131,7 +131,7 @@ class SnapshotStore:
             )
             if actual != diff_id:
                 raise FailedPrecondition(
-                    f"layer diff ID mismatch for blob {blob_name}: the image config says "
+                    f"layer diff ID mismatch for blob {blob_name}: the image config lists "
                     f"{diff_id}, the uncompressed layer is {actual}"
                 )
             # NOTE: the tree is not fsynced before the rename, so after a power loss (not a

@@ -2,7 +2,7 @@
 
 Each record is ``<RFC3339Nano timestamp> <stdout|stderr> <F|P> <text>\\n``. A line longer than
 ``max_line`` bytes is cut into ``P`` (partial) records followed by one ``F`` record, so kubelet
-can join the pieces; the container's own line end is replaced by the record's LF. Output that
+can join the pieces. The container's own line end is replaced by the record's LF. Output that
 ends without a newline when the stream closes is written as ``P``, as containerd does.
 
 kubelet rotates the file itself (rename, then ReopenContainerLog). With ``LogRotation.max_size``

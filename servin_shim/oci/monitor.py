@@ -2,7 +2,7 @@
 
 A daemon that is the only parent of its containers cannot learn the exit code of a container
 that exits while the daemon is down: the kernel reports the status to the parent of that moment.
-So the daemon asks this process to run ``runc create``. The monitor is a child subreaper, so
+So the daemon sends this process each ``runc create`` to run. The monitor is a child subreaper, so
 when ``runc create`` exits the container's init process becomes the monitor's child, and the
 monitor collects its exit status, writes it to ``<state>/exits/<container id>`` and tells the
 connected daemon. A restarted daemon reads the files it missed. CRI-O's conmon plays this role

@@ -1,7 +1,7 @@
 """The daemon's side of the exit monitor (see oci/monitor.py).
 
-The client starts the monitor when nothing accepts connections on its socket, asks it to run
-``runc create`` for each container, and turns its exit messages and exit files into futures.
+The client starts the monitor when nothing accepts connections on its socket, sends it a
+``runc create`` request for each container, and turns its exit messages and exit files into futures.
 """
 
 from __future__ import annotations

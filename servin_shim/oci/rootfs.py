@@ -29,7 +29,7 @@ MS_NODEV = 0x4
 MS_BIND = 0x1000
 MNT_DETACH = 0x2
 
-#: Longest mount option string the kernel takes (one page); longer lowerdir lists need
+#: Maximum length of a mount option string the kernel takes (one page); longer lowerdir lists need
 #: shorter paths.
 MAX_MOUNT_DATA = 4096
 

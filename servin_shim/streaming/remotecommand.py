@@ -166,7 +166,7 @@ class ExecSession:
             waiters: set[asyncio.Future[Any]] = {process.exited, closed}
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             if not process.exited.done():
-                # Nobody reads the output any more, as when kubectl exec is cut off: the
+                # The client no longer reads the output, as when kubectl exec is cut off, so the
                 # process is killed, as containerd and CRI-O do, instead of lingering.
                 log.info("exec client disconnected, killing the process id=%s pid=%d",
                          self.request.container_id, process.pid)
